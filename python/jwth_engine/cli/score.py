@@ -1,0 +1,75 @@
+"""`jwth-engine score SLIDE`: score one slide, write the tile Parquet and the summary JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .options import model_options, tiling_options
+
+
+@click.command()
+@click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
+@model_options
+@tiling_options
+@click.option("--out", type=click.Path(file_okay=False), default="jwth-results", show_default=True,
+              help="Output folder (created).")
+@click.option("--json", "print_json", is_flag=True, help="Print the slide summary JSON to stdout.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights/heads.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def score(slide, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
+          num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, out, print_json, seed,
+          progress):
+    """Score SLIDE: tissue detection, tiling, backbone, head; writes SLIDE.tiles.parquet and
+    SLIDE.summary.json into --out."""
+    from ..score import score_slide
+
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _ProgressBar(slide) if show else None
+    try:
+        result = score_slide(
+            slide, model=model, weights=weights, head=head, pooling=pooling, out=out, device=device,
+            backend=backend, precision=precision, batch_size=batch_size, mpp=mpp, tile_size=tile_size,
+            target_mpp=target_mpp, min_tissue=min_tissue, top_k=top_k, num_workers=num_workers,
+            reader=reader, seed=seed, compile=False if no_compile else None,
+            progress=bar.update if bar else None,
+        )
+    finally:
+        if bar:
+            bar.close()
+    summary = result.summary
+    if print_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if summary["status"] == "no_tissue":
+        click.echo(f"{slide}: no tissue tiles (score: no tissue); wrote {result.summary_path}")
+        return
+    scores = ", ".join(f"{c}={v['mean']:.4f} (top-{v['k']} {v['topk_mean']:.4f})"
+                       for c, v in summary["scores"].items())
+    click.echo(f"{slide}: {summary['tiles']['scored']} tiles, {scores}")
+    click.echo(f"wrote {result.tiles_path} and {result.summary_path}")
+
+
+class _ProgressBar:
+    """rich progress on stderr, so --json output on stdout stays machine-readable."""
+
+    def __init__(self, slide: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self._progress = Progress("[progress.description]{task.description}", BarColumn(),
+                                  MofNCompleteColumn(), TimeRemainingColumn(),
+                                  console=Console(stderr=True), transient=False)
+        self._task = None
+        self._slide = slide
+        self._progress.start()
+
+    def update(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task(f"scoring {self._slide}", total=total)
+        self._progress.update(self._task, completed=done)
+
+    def close(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,46 @@
+"""User-facing errors.
+
+Every failure a user can cause (a bad file, a missing option, an unavailable backend) is raised as a
+`JwthError` whose message is one line that names the file and the problem. The CLI prints exactly
+that line to stderr and exits with `exit_code`; anything else escaping is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class JwthError(Exception):
+    """An error the user can act on; `str(err)` is one self-contained line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        # One line, always: native libraries like to end messages with newlines or embed them.
+        super().__init__(" ".join(str(message).split()))
+
+
+class SlideError(JwthError):
+    """The slide file cannot be opened or read; the message starts with the path."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class MppError(SlideError):
+    """The slide's microns-per-pixel is missing or implausible; the fix is `--mpp`."""
+
+
+class ModelError(JwthError):
+    """Weights, presets or head files that do not fit together."""
+
+
+class BackendUnavailable(JwthError):
+    """A requested backend or device is not installed or not present; says what to install."""
+
+
+class ConfigError(JwthError):
+    """Options that contradict each other or an output folder that cannot be used."""
