@@ -22,20 +22,27 @@ class ModelStage:
     mean: Sequence[float]
     std: Sequence[float]
 
-    def preprocess(self, tiles: np.ndarray) -> torch.Tensor:
+    def preprocess(self, tiles) -> torch.Tensor:
+        """uint8 [N, h, w, 3] (numpy or torch, CPU or on the backend's device) → model input."""
         from ..preprocess import preprocess
 
-        return preprocess(torch.from_numpy(tiles), self.tile_size, self.mean, self.std,
+        if isinstance(tiles, np.ndarray):
+            tiles = torch.from_numpy(tiles)
+        return preprocess(tiles, self.tile_size, self.mean, self.std,
                           dtype=self.backend.input_dtype, device=self.backend.device)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.backend(images)
 
-    def classify(self, tokens: torch.Tensor) -> np.ndarray:
+    def probabilities(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities [N, C] float32, left on the tokens' device (no synchronisation)."""
         with torch.inference_mode():
             logits = self.head(tokens).logits
-            return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            return torch.softmax(logits.float(), dim=-1)
+
+    def classify(self, tokens: torch.Tensor) -> np.ndarray:
+        return self.probabilities(tokens).cpu().numpy()
 
 
 @dataclass

@@ -1,0 +1,157 @@
+"""Train a head (JWTH pooling or linear probe) on labelled tiles with a frozen backbone.
+
+The backbone runs once over every tile and its tokens are kept (fp16, on the CPU), so each epoch
+costs only the head. Class-balanced cross-entropy, AdamW, and the epoch with the best validation
+balanced accuracy is kept (the paper's metric); with too few tiles for a validation split the last
+epoch is kept and the training metric is reported as such.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, JwthError
+from .reference import build_head
+
+
+@dataclass
+class LabelledTiles:
+    paths: list[Path]
+    labels: list[str]
+    classes: list[str]
+
+
+def read_labels_csv(csv_path: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                    where: Sequence[tuple[str, str]] = ()) -> LabelledTiles:
+    """CSV with `path` and `label` columns; relative paths resolve against `root` (default: the
+    CSV's folder). `where` keeps rows whose COLUMN equals VALUE. Rows with an empty label are skipped."""
+    csv_path = Path(csv_path)
+    base = Path(root) if root else csv_path.parent
+    try:
+        with open(csv_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise JwthError(f"{csv_path}: cannot read labels file ({exc.strerror})") from exc
+    if not rows or not {"path", "label"} <= set(rows[0]):
+        raise JwthError(f"{csv_path}: labels CSV needs 'path' and 'label' columns")
+    for column, _ in where:
+        if column not in rows[0]:
+            raise JwthError(f"{csv_path}: --where column {column!r} is not in the CSV")
+    paths, labels = [], []
+    for row in rows:
+        if any(row.get(c) != v for c, v in where) or not row["label"].strip():
+            continue
+        path = Path(row["path"])
+        path = path if path.is_absolute() else base / path
+        if not path.is_file():
+            raise JwthError(f"{path}: tile image listed in {csv_path.name} not found")
+        paths.append(path)
+        labels.append(row["label"].strip())
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise JwthError(f"{csv_path}: need at least two classes to train a head, found {classes}")
+    return LabelledTiles(paths, labels, classes)
+
+
+def load_tile_images(paths: Sequence[Path], size: int) -> np.ndarray:
+    """RGB uint8 [N, size, size, 3]; tiles of another size are resized (antialiased) to `size`."""
+    from PIL import Image
+
+    out = np.empty((len(paths), size, size, 3), np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if img.size != (size, size):
+                    img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+                out[i] = np.asarray(img)
+        except OSError as exc:
+            raise JwthError(f"{path}: cannot read tile image ({exc})") from exc
+    return out
+
+
+def embed_tiles(tiles: np.ndarray, stage, batch_size: int = 32) -> torch.Tensor:
+    """Token tensors [N, T, D] (fp16 on CPU) for uint8 tiles, through a pipeline ModelStage."""
+    chunks = []
+    for start in range(0, len(tiles), batch_size):
+        images = stage.preprocess(tiles[start:start + batch_size])
+        chunks.append(stage.embed(images).to("cpu", torch.float16))
+    return torch.cat(chunks)
+
+
+def balanced_accuracy(pred: np.ndarray, target: np.ndarray, num_classes: int) -> float:
+    recalls = [(pred[target == c] == c).mean() for c in range(num_classes) if (target == c).any()]
+    return float(np.mean(recalls))
+
+
+def _split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split; classes with a single example stay in training."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(math.floor(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return np.array(sorted(train)), np.array(sorted(val), dtype=np.int64)
+
+
+def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_classes: int,
+               num_heads: int, num_prefix_tokens: int, epochs: int = 50, lr: float = 1e-3,
+               weight_decay: float = 1e-4, batch_size: int = 64, val_fraction: float = 0.2,
+               seed: int = 0, log: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, dict]:
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    torch.manual_seed(seed)
+    dim = tokens.shape[-1]
+    head = build_head(pooling, dim, num_classes, num_heads, num_prefix_tokens)
+    train_idx, val_idx = _split(labels, val_fraction, seed)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    counts = np.bincount(labels[train_idx], minlength=num_classes).astype(np.float64)
+    weights = torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0),
+                           dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    best = {"epoch": -1, "metric": -1.0, "state": None}
+    history = []
+    for epoch in range(epochs):
+        head.train()
+        order = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=generator)]
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            loss = loss_fn(head(tokens[batch].float()).logits, y[batch])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += float(loss) * len(batch)
+        head.eval()
+        with torch.no_grad():
+            pred = head(tokens.float()).logits.argmax(-1).numpy()
+        train_bacc = balanced_accuracy(pred[train_idx], labels[train_idx], num_classes)
+        val_bacc = balanced_accuracy(pred[val_idx], labels[val_idx], num_classes) if len(val_idx) else None
+        history.append({"epoch": epoch, "loss": total / len(order), "train_bacc": train_bacc, "val_bacc": val_bacc})
+        metric = val_bacc if val_bacc is not None else train_bacc
+        if len(val_idx) == 0 or metric > best["metric"]:
+            best = {"epoch": epoch, "metric": metric,
+                    "state": {k: v.detach().clone() for k, v in head.state_dict().items()}}
+        log(f"epoch {epoch + 1}/{epochs} loss {history[-1]['loss']:.4f} train bacc {train_bacc:.3f}"
+            + (f" val bacc {val_bacc:.3f}" if val_bacc is not None else ""))
+    head.load_state_dict(best["state"])
+    report = {
+        "pooling": pooling, "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+        "num_train": int(len(train_idx)), "num_val": int(len(val_idx)), "best_epoch": best["epoch"],
+        "selection_metric": "val_balanced_accuracy" if len(val_idx) else "train_balanced_accuracy (no validation split)",
+        "best_metric": best["metric"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+    }
+    return head.eval(), report

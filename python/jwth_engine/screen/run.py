@@ -1,0 +1,344 @@
+"""The screening driver: plans a run from the ledger, feeds slides to a pool of workers (local
+processes or Ray actors, same events either way), and commits each result.
+
+Only this process writes the ledger, the slide folders and the summary tables, so none of them
+ever needs a lock shared between machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, JwthError
+from .config import ScreenOptions, config_hash, describe_difference, identity
+from .layout import ScreenLayout
+from .ledger import Ledger
+from .progress import ScreenDisplay
+from .results import ResultsWriter, result_from_summary
+from .sources import SlideSource, load_sources
+
+log = logging.getLogger("jwth_engine.screen")
+
+MAX_LOST = 3            # a slide whose worker vanished this many times (not its fault) is failed
+
+
+class ScreenAborted(JwthError):
+    """The run cannot continue (its workers cannot start); slides are left pending."""
+
+
+@dataclass
+class ScreenReport:
+    out: Path
+    run_id: int
+    config_hash: str
+    scheduled: int
+    skipped: int
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def slides_per_hour(self) -> float | None:
+        finished = len(self.done) + len(self.failed)
+        return finished / self.seconds * 3600 if finished and self.seconds > 0 else None
+
+
+def recover(ledger: Ledger, layout: ScreenLayout) -> list[str]:
+    """Finish or undo what a killed run left: slides `running` go back to pending, except those
+    whose outputs were already checked and staged, which are moved into place and marked done."""
+    notes = []
+    for row in ledger.slides("running"):
+        if row.phase == "staged":
+            staging = Path(row.staging) if row.staging else None
+            if staging and staging.is_dir() and not layout.check_outputs(
+                    staging, row.slide_id, row.tiles_sha256, row.summary_sha256):
+                layout.publish(staging, row.slide_id)
+            if not layout.check_outputs(layout.slide_dir(row.slide_id), row.slide_id,
+                                        row.tiles_sha256, row.summary_sha256):
+                ledger.mark_done(row.slide_id)
+                notes.append(f"{row.slide_id}: finished committing outputs of an interrupted run")
+                continue
+        layout.retire(row.slide_id)
+        ledger.mark_pending(row.slide_id, note="interrupted (the run stopped while scoring it)")
+        notes.append(f"{row.slide_id}: back to pending (interrupted)")
+    # A slide folder is visible only while its ledger row says done; anything else is a leftover.
+    done = {row.slide_id for row in ledger.slides("done")}
+    if layout.slides.is_dir():
+        for folder in layout.slides.iterdir():
+            if folder.name not in done:
+                layout.retire(folder.name)
+                notes.append(f"{folder.name}: removed outputs the ledger does not list as done")
+    layout.clean_scratch()
+    return notes
+
+
+def plan(ledger: Ledger, layout: ScreenLayout, sources: list[SlideSource], current_hash: str, *,
+         retry_failed: bool) -> tuple[list[str], int]:
+    """Slide ids to score in this run (source order) and how many are skipped as finished."""
+    todo, skipped = [], 0
+    for src in sources:
+        row = ledger.get(src.slide_id)
+        if row.status == "done":
+            if row.config_hash != current_hash:
+                reason = "configuration changed"
+            else:
+                problem = layout.check_outputs(layout.slide_dir(src.slide_id), src.slide_id,
+                                               row.tiles_sha256, row.summary_sha256)
+                if problem is None:
+                    skipped += 1
+                    continue
+                reason = f"outputs damaged ({problem})"
+            layout.retire(src.slide_id)
+            ledger.mark_pending(src.slide_id, note=f"scoring again: {reason}")
+        elif row.status == "failed":
+            if not retry_failed and row.config_hash == current_hash:
+                skipped += 1
+                continue
+            ledger.mark_pending(src.slide_id, note="retrying a failed slide")
+        todo.append(src.slide_id)
+    return todo, skipped
+
+
+def check_config(ledger: Ledger, out: Path, ident: dict, current_hash: str, reconfigure: bool) -> None:
+    old_hash, old_ident = ledger.config()
+    if old_hash is None or old_hash == current_hash:
+        return
+    if not reconfigure:
+        raise ConfigError(
+            f"{out}: this folder was screened with another configuration "
+            f"({describe_difference(old_ident or {}, ident)}); pass --reconfigure to score its slides "
+            f"again with this one, or use another --out"
+        )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def run_screen(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    options: ScreenOptions,
+    *,
+    gpus: list[int] | None = None,
+    jobs: int | None = None,
+    slide_timeout_s: float = 3600.0,
+    retry_failed: bool = False,
+    reconfigure: bool = False,
+    ray_address: str | None = None,
+    ray_cpus_per_job: float = 1.0,
+    progress: bool | None = None,
+    results_interval_s: float = 5.0,
+    argv: list[str] | None = None,
+    pool_factory=None,
+) -> ScreenReport:
+    """Screen every slide of `source` into `out`; see `jwth-engine screen --help`."""
+    t0 = time.monotonic()
+    if gpus and ray_address:
+        raise ConfigError("--gpus is for local runs; on Ray each GPU of the cluster gets a worker "
+                          "(--device cpu for CPU workers)")
+    if gpus and options.device == "cpu":
+        raise ConfigError("--gpus and --device cpu contradict each other")
+    sources = load_sources(source)
+    ident = identity(options)
+    current_hash = config_hash(ident)
+
+    layout = ScreenLayout(out)
+    layout.create()
+    layout.lock()
+    ledger = Ledger(layout.ledger)
+    try:
+        check_config(ledger, layout.root, ident, current_hash, reconfigure)
+        for note in recover(ledger, layout):
+            log.info("%s", note)
+        ledger.set_config(current_hash, ident)
+        for slide_id, note in ledger.sync_sources(sources).items():
+            layout.retire(slide_id)
+            log.info("%s: %s", slide_id, note)
+        todo, skipped = plan(ledger, layout, sources, current_hash, retry_failed=retry_failed)
+        results = ResultsWriter(ledger, layout, results_interval_s)
+        if pool_factory is None:
+            pool_factory = _default_pool_factory(gpus=gpus, jobs=jobs, ray_address=ray_address,
+                                                 ray_cpus_per_job=ray_cpus_per_job)
+        runner = "ray" if ray_address else "local"
+        report = ScreenReport(layout.root, 0, current_hash, len(todo), skipped)
+        if not todo:
+            results.maybe_write(force=True)
+            report.counts = ledger.counts()
+            report.seconds = time.monotonic() - t0
+            return report
+        display = ScreenDisplay(len(todo), skipped, live=progress)
+        pool = pool_factory(options.score_kwargs(), timeout_s=slide_timeout_s, log_dir=layout.logs)
+        report.run_id = ledger.begin_run(current_hash, runner, getattr(pool, "size", 0), argv or sys.argv)
+        driver = _Driver(ledger, layout, pool, display, results, report)
+        old_term = signal.signal(signal.SIGTERM, _raise_stop)
+        state = "interrupted"
+        try:
+            display.start()
+            driver.loop(todo)
+            state = "finished"
+        except ScreenAborted:
+            state = "aborted"
+            raise
+        except (KeyboardInterrupt, _Stop):
+            report.interrupted = True
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            display.stop()
+            driver.shutdown(state)
+        report.counts = ledger.counts()
+        report.seconds = time.monotonic() - t0
+        if report.interrupted:
+            raise KeyboardInterrupt
+        return report
+    finally:
+        ledger.close()
+        layout.unlock()
+
+
+def _default_pool_factory(*, gpus, jobs, ray_address, ray_cpus_per_job):
+    if ray_address:
+        from .ray_runner import RayPool
+
+        def make_ray(options, *, timeout_s, log_dir):
+            return RayPool(ray_address, options, timeout_s=timeout_s, log_dir=log_dir,
+                           use_gpus=options["device"] != "cpu", jobs=jobs, cpus_per_job=ray_cpus_per_job)
+        return make_ray
+
+    from .local import LocalPool, cpu_specs, gpu_specs
+
+    def make_local(options, *, timeout_s, log_dir):
+        specs = gpu_specs(gpus) if gpus else cpu_specs(jobs or 1, hide_gpus=options["device"] == "cpu")
+        return LocalPool(specs, options, timeout_s=timeout_s, log_dir=log_dir)
+    return make_local
+
+
+class _Driver:
+    def __init__(self, ledger: Ledger, layout: ScreenLayout, pool, display: ScreenDisplay,
+                 results: ResultsWriter, report: ScreenReport):
+        self.ledger, self.layout, self.pool = ledger, layout, pool
+        self.display, self.results, self.report = display, results, report
+        self.in_flight: dict[str, dict] = {}
+        self.lost: dict[str, int] = {}
+        self._serial = 0
+
+    def loop(self, todo: list[str]) -> None:
+        queue, solo = deque(todo), deque()
+        while queue or solo or self.in_flight:
+            while solo and self.pool.free_slots(solo=True):
+                self._dispatch(solo.popleft(), solo=True)
+            while queue and not solo and self.pool.free_slots() > 0:
+                self._dispatch(queue.popleft())
+            for event in self.pool.poll(0.5):
+                requeue = self._handle(event)
+                if requeue is not None:
+                    (solo if event.data.get("solo") else queue).appendleft(requeue)
+            self.display.update(self.pool.status())
+            self.results.maybe_write()
+
+    def _dispatch(self, slide_id: str, solo: bool = False) -> None:
+        row = self.ledger.get(slide_id)
+        self._serial += 1
+        staging = self.layout.staging_dir(slide_id, self.report.run_id, self._serial)
+        task = {"slide_id": slide_id, "path": row.path, "mpp": row.mpp, "staging": str(staging)}
+        worker = self.pool.submit(task, solo=solo)
+        if worker is None:
+            raise RuntimeError("pool reported a free slot but refused the task")
+        self.ledger.mark_queued(slide_id, run_id=self.report.run_id, config_hash=self.report.config_hash,
+                                worker=worker, staging=str(staging))
+        self.in_flight[slide_id] = task
+
+    def _handle(self, event) -> str | None:
+        sid = event.slide_id
+        if event.kind == "fatal":
+            raise ScreenAborted(f"worker {event.worker} could not start: {event.data['error']}")
+        if event.kind == "ready":
+            log.info("worker %s ready: %s", event.worker, event.data)
+            return None
+        if sid not in self.in_flight:
+            return None  # late news of a slide already settled
+        if event.kind == "start":
+            self.ledger.mark_started(sid, event.worker, event.data["t"])
+        elif event.kind == "done":
+            self._commit(sid, event.data)
+        elif event.kind == "failed":
+            self._fail(sid, event.data.get("kind", "error"), event.data["error"], event.data.get("seconds"),
+                       event.data.get("traceback"))
+        elif event.kind == "requeue":
+            task = self.in_flight.pop(sid)
+            _remove(Path(task["staging"]))
+            if event.data.get("started"):
+                self.lost[sid] = self.lost.get(sid, 0) + 1
+                if self.lost[sid] >= MAX_LOST:
+                    self.in_flight[sid] = task
+                    self._fail(sid, "lost", f"its worker was lost {MAX_LOST} times ({event.data['reason']})")
+                    return None
+            self.ledger.mark_requeued(sid, event.data["reason"])
+            return sid
+        return None
+
+    def _commit(self, sid: str, outcome: dict) -> None:
+        task = self.in_flight[sid]
+        staging = Path(task["staging"])
+        summary = outcome["summary"]
+        problem = self.layout.check_outputs(staging, sid, outcome["tiles_sha256"], outcome["summary_sha256"])
+        recorded = summary.get("outputs", {}).get("tiles_parquet_sha256")
+        if problem is None and recorded != outcome["tiles_sha256"]:
+            problem = "tiles parquet does not match the checksum in its summary"
+        if problem:
+            self._fail(sid, "outputs", f"{task['path']}: outputs not usable after scoring: {problem}",
+                       outcome.get("seconds"))
+            return
+        self.ledger.mark_staged(sid, tiles_sha256=outcome["tiles_sha256"], summary_sha256=outcome["summary_sha256"],
+                                result=result_from_summary(summary), seconds=outcome.get("seconds"))
+        self.layout.publish(staging, sid)
+        self.ledger.mark_done(sid)
+        del self.in_flight[sid]
+        self.report.done.append(sid)
+        detail = f"{summary['tiles']['scored']} tiles" if summary.get("status") == "scored" else "no tissue"
+        self.display.slide_done(sid, outcome.get("seconds"), detail)
+        self.results.changed()
+
+    def _fail(self, sid: str, kind: str, error: str, seconds: float | None = None,
+              tb: str | None = None) -> None:
+        task = self.in_flight.pop(sid)
+        _remove(Path(task["staging"]))
+        self.ledger.mark_failed(sid, kind, error, seconds)
+        if tb:
+            with open(self.layout.logs / "failures.log", "a") as fh:
+                fh.write(f"--- {sid} ({task['path']})\n{tb}\n")
+        self.report.failed[sid] = error
+        self.display.slide_failed(sid, error)
+        self.results.changed()
+
+    def shutdown(self, state: str) -> None:
+        """Stop the workers; slides still in flight go back to pending; tables written last."""
+        if state == "finished":
+            self.pool.close()
+        else:
+            self.pool.kill()
+        for sid, task in list(self.in_flight.items()):
+            _remove(Path(task["staging"]))
+            self.ledger.mark_requeued(sid, "run interrupted")
+        self.in_flight.clear()
+        if self.report.run_id:
+            self.ledger.finish_run(self.report.run_id, state)
+        self.results.maybe_write(force=True)
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)

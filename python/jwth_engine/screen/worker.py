@@ -1,0 +1,290 @@
+"""A screening worker: a separate Python process that loads the model once and scores one slide
+after another.
+
+Started by `process.WorkerProcess` as `python -m jwth_engine.screen.worker FD`, where FD is one end
+of a socket pair; messages are pickled tuples (multiprocessing `Connection`). A fresh interpreter
+rather than a fork: the driver may hold threads (Ray, rich) and torch must never be forked, and a
+native library that crashes takes only this process with it.
+
+Protocol (driver → worker): `{"name", "options", "job"}` once, then `("task", task)` per slide and
+`("stop",)`. Worker → driver: `("ready", info)` or `("init_failed", kind, message)`, then per
+slide `("start", slide_id, t)`, optional `("prefetch", next_id)` (it began preparing the next
+slide, so a crash from now on may be either's), `("progress", slide_id, done, total)` and finally
+`("done", slide_id, outcome)` or `("failed", slide_id, failure)`.
+
+Look-ahead: once the current slide's tiles are all decoded (only the backbone and the outputs are
+left), a thread prepares the next queued slide — opens it, finds its tissue, starts decoding its
+tiles — so the backbone never waits for a slide to be opened. Not for slides marked `solo` (the
+driver's retry of a slide whose crash could not be attributed).
+
+After an unexpected exception (not a `JwthError`) the worker reports it and exits, so that state a
+library may have left broken (a CUDA context after an illegal access, say) never reaches the next
+slide; the driver starts a replacement.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+DEFAULT_JOB = "jwth_engine.screen.worker:ScoreJob"
+PROGRESS_INTERVAL_S = 1.0
+
+
+class ScoreJob:
+    """The real work: `SlideScorer` (score_slide's steps, model loaded once) into the staging folder."""
+
+    def __init__(self, options: dict):
+        import torch
+
+        from .scorer import SlideScorer
+
+        self.scorer = SlideScorer(**options)
+        self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "device": str(self.scorer.chosen.device), "load_s": round(self.scorer.load_seconds, 2)}
+
+    def prepare(self, task: dict):
+        return self.scorer.prepare(task["path"], task.get("mpp"))
+
+    def discard(self, prepared) -> None:
+        prepared.close()
+
+    def run(self, task: dict, prepared, progress) -> dict:
+        from ..outputs.atomic import sha256_file
+
+        staging = Path(task["staging"])
+        staging.mkdir(parents=True, exist_ok=True)
+        name = task["slide_id"]
+        summary = self.scorer.finish(prepared, out=staging, name=name, progress=progress)
+        tiles, summary_path = staging / f"{name}.tiles.parquet", staging / f"{name}.summary.json"
+        return {"summary": summary, "tiles_sha256": sha256_file(tiles), "summary_sha256": sha256_file(summary_path)}
+
+
+class FunctionJob:
+    """A plain `fn(task, options, progress) -> outcome` as a job (no preparation step)."""
+
+    prepares = False       # nothing to look ahead for
+
+    def __init__(self, fn, options: dict):
+        self.fn, self.options, self.info = fn, options, {}
+
+    def prepare(self, task: dict):
+        return None
+
+    def discard(self, prepared) -> None:
+        pass
+
+    def run(self, task: dict, prepared, progress) -> dict:
+        return self.fn(task, self.options, progress)
+
+
+def load_job(spec: str, options: dict):
+    """`module:attr`; a class is built with the options, a function is wrapped."""
+    module, _, attr = spec.partition(":")
+    target = getattr(importlib.import_module(module), attr)
+    return target(options) if isinstance(target, type) else FunctionJob(target, options)
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when the driver is gone (kill -9 of the driver alone must not leave us scoring)."""
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(3)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="jwth-parent-watch", daemon=True).start()
+
+
+def _read_ahead(path: str) -> None:
+    """Ask the kernel to start reading a queued slide's file (a cold archive on network storage
+    costs more to fetch than to decode). Only I/O: nothing native touches the file yet."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # scoring it will report the problem
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # advice only; some file systems do not take it
+    finally:
+        os.close(fd)
+
+
+_STOP = object()
+
+
+class _Inbox:
+    """Tasks from the driver, in order; the look-ahead thread may peek at the next one."""
+
+    def __init__(self, conn: Connection):
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        threading.Thread(target=self._receive, args=(conn,), name="jwth-receiver", daemon=True).start()
+
+    def _receive(self, conn: Connection) -> None:
+        try:
+            while True:
+                message = conn.recv()
+                if message[0] == "task":
+                    _read_ahead(message[1]["path"])
+                    self._put(message[1])
+                elif message[0] == "stop":
+                    break
+        except (EOFError, OSError):
+            pass
+        self._put(_STOP)
+
+    def _put(self, item) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+
+    def get(self):
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            return self._items.popleft()
+
+    def peek_until(self, done: threading.Event, poll_s: float = 0.05):
+        """The next task once there is one, or None when `done` is set first."""
+        with self._cond:
+            while not done.is_set():
+                if self._items:
+                    return self._items[0]
+                self._cond.wait(poll_s)
+        return None
+
+
+class _LookAhead:
+    """Prepares `task` in a thread once the current slide's decoding is finished."""
+
+    def __init__(self, job, current_prepared, current_done: threading.Event, inbox: _Inbox, send):
+        self.task = None
+        self.prepared = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(job, current_prepared, current_done, inbox, send),
+                                        name="jwth-lookahead", daemon=True)
+        self._ready = threading.Event()
+        self._thread.start()
+
+    def _run(self, job, current_prepared, current_done, inbox, send) -> None:
+        try:
+            prefetcher = getattr(current_prepared, "prefetcher", None)
+            while prefetcher is not None and prefetcher.alive and not current_done.is_set():
+                time.sleep(0.05)
+            task = inbox.peek_until(current_done)
+            if task is None or task is _STOP or task.get("solo"):
+                return
+            self.task = task
+            send(("prefetch", task["slide_id"]))
+            try:
+                self.prepared = job.prepare(task)
+            except BaseException as exc:  # handed to the main loop when this slide's turn comes
+                self.error = exc
+        finally:
+            self._ready.set()
+
+    def take(self, task):
+        """The preparation of `task` if this look-ahead made it (re-raising its error), else a miss."""
+        self._ready.wait()
+        if self.task is not task:
+            return False, None
+        if self.error is not None:
+            raise self.error
+        return True, self.prepared
+
+    def discard(self, job) -> None:
+        self._ready.wait()
+        if self.prepared is not None:
+            job.discard(self.prepared)
+
+
+def serve(conn: Connection) -> int:
+    from ..errors import JwthError
+
+    hello = conn.recv()
+    name, options = hello["name"], hello["options"]
+    try:
+        job = load_job(hello.get("job") or DEFAULT_JOB, options)
+    except JwthError as exc:
+        conn.send(("init_failed", "error", str(exc)))
+        return 1
+    except Exception as exc:  # reported to the driver, which stops the run with this message
+        conn.send(("init_failed", "exception", f"{type(exc).__name__}: {exc}"))
+        return 1
+    lock = threading.Lock()
+
+    def send(message) -> None:
+        with lock:
+            conn.send(message)
+
+    send(("ready", {"name": name, "pid": os.getpid(), "host": os.uname().nodename,
+                    "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"), **job.info}))
+    inbox = _Inbox(conn)
+    lookahead: _LookAhead | None = None
+    while True:
+        task = inbox.get()
+        if task is _STOP:
+            if lookahead is not None:
+                lookahead.discard(job)
+            return 0
+        slide_id = task["slide_id"]
+        t0 = time.time()
+        send(("start", slide_id, t0))
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL_S or done == total:
+                last[0] = now
+                send(("progress", slide_id, done, total))
+
+        current_done = threading.Event()
+        try:
+            hit, prepared = lookahead.take(task) if lookahead is not None else (False, None)
+            if not hit and lookahead is not None:
+                lookahead.discard(job)
+            lookahead = None
+            if not hit:
+                prepared = job.prepare(task)
+            if not task.get("solo") and getattr(job, "prepares", True):
+                lookahead = _LookAhead(job, prepared, current_done, inbox, send)
+            outcome = job.run(task, prepared, progress)
+        except JwthError as exc:
+            send(("failed", slide_id, {"kind": "error", "error": str(exc), "seconds": time.time() - t0}))
+            continue
+        except Exception as exc:  # recorded with its traceback; then this process is replaced
+            send(("failed", slide_id, {
+                "kind": "exception", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(), "seconds": time.time() - t0,
+            }))
+            return 2
+        finally:
+            current_done.set()
+        outcome["seconds"] = time.time() - t0
+        send(("done", slide_id, outcome))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Ctrl-C goes to the whole process group; the driver decides what happens to running slides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent(os.getppid())
+    conn = Connection(int(argv[0]))
+    try:
+        return serve(conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        return 0  # the driver went away
+
+
+if __name__ == "__main__":
+    sys.exit(main())
