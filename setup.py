@@ -155,6 +155,8 @@ setup(
         # Some TensorRT wheels live only on NVIDIA's own package index; if pip cannot resolve this
         # extra, add that index with --extra-index-url as TensorRT's install guide describes.
         "tensorrt": ["tensorrt-cu12"],
+        # FP8 engines are built from an ONNX graph quantised by NVIDIA's Model Optimizer.
+        "fp8": ["nvidia-modelopt[onnx]"],
     },
     entry_points={"console_scripts": ["jwth-engine = jwth_engine.cli:main"]},
 )

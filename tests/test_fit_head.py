@@ -27,6 +27,23 @@ def test_read_labels_csv_filters_and_validates(data_dir, tmp_path):
         read_labels_csv(missing)
 
 
+def test_linear_probe_standardisation_folds_exactly():
+    import torch
+    from torch import nn
+
+    from jwth_engine.heads.fit import _fold_standardisation, _standardised_class_tokens
+
+    g = torch.Generator().manual_seed(0)
+    tokens = 5.0 + 0.05 * torch.randn(20, 7, 16, generator=g, dtype=torch.float64)
+    scaled, mean, std = _standardised_class_tokens(tokens, np.arange(15))
+    assert torch.allclose(scaled[:15, 0].mean(0), torch.zeros(16, dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(scaled[:15, 0].std(0, unbiased=False), torch.ones(16, dtype=torch.float64))
+    layer = nn.Linear(16, 3).double()
+    expected = layer(scaled[:, 0])
+    _fold_standardisation(layer, mean, std)
+    assert torch.allclose(layer(tokens[:, 0]), expected, rtol=1e-9, atol=1e-9)
+
+
 def test_balanced_accuracy():
     target = np.array([0, 0, 0, 0, 1])
     assert balanced_accuracy(np.zeros(5, int), target, 2) == 0.5

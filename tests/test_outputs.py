@@ -21,6 +21,16 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
 
 
+def test_atomic_write_gives_the_permissions_of_a_normal_file(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "shared.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644   # not mkstemp's 0600
+
+
 def test_remove_stale_temps(tmp_path):
     (tmp_path / ".jwth-tmp-x.parquet.123").write_bytes(b"junk")
     (tmp_path / "keep.parquet").write_bytes(b"ok")

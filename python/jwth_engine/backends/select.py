@@ -123,8 +123,9 @@ def choose_precision(backend: str, device: torch.device, requested: str, *,
 
 def select_backend(backbone, *, backend: str = "auto", device: str = "auto", precision: str = "auto",
                    max_batch: int = 64, compile: bool | None = None, cache_dir: str | None = None,
-                   log: Callable[[str], None] = print):
-    """Build the backend that runs `backbone`; logs the choice and the reason via `log`."""
+                   log: Callable[[str], None] | None = None):
+    """Build the backend that runs `backbone`; reports the choice and the reason via `log`
+    (default: INFO on the `jwth_engine.backends` logger, which the CLI shows)."""
     from .onnxruntime_backend import onnxruntime_status
     from .tensorrt_backend import tensorrt_status
 
@@ -139,7 +140,7 @@ def select_backend(backbone, *, backend: str = "auto", device: str = "auto", pre
     name, reason = choose_backend(backend, dev, tensorrt=trt_probe, onnxruntime=ort_probe)
     prec, prec_reason = choose_precision(name, dev, precision)
     why = f"{reason}; {prec_reason}; device: {device_reason}"
-    log(f"backbone backend: {name} {prec} on {dev} ({why})")
+    (log or logging.getLogger("jwth_engine.backends").info)(f"backbone backend: {name} {prec} on {dev} ({why})")
 
     if name == "torch":
         from .torch_backend import TorchBackend

@@ -56,7 +56,7 @@ log = logging.getLogger("jwth_engine.backends")
 
 INSTALL_HINT = ("pip install 'jwth-engine[tensorrt]' (NVIDIA's tensorrt-cu12 wheel, TensorRT >= 10; "
                 "see NVIDIA's TensorRT installation guide), or use --backend torch")
-MODELOPT_HINT = "pip install 'nvidia-modelopt[onnx]'"
+MODELOPT_HINT = "pip install 'jwth-engine[fp8]' (NVIDIA's nvidia-modelopt[onnx])"
 TRT_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # Which ONNX recipe feeds each engine precision (fp8 quantizes the fp32 graph).
 ONNX_RECIPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp8": "fp32"}

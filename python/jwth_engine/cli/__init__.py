@@ -3,7 +3,9 @@ its heavy dependencies (torch, cuCIM, timm) only when it runs, so `--help` is in
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 
 import click
@@ -30,29 +32,40 @@ def cli(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.captureWarnings(True)
+    # Which backend runs, and why, is shown by default: the issue of "why is this slow" starts there.
+    logging.getLogger("jwth_engine.backends").setLevel(min(level, logging.INFO))
 
 
 def _register() -> None:
-    from . import doctor, export, info, score
+    from . import bench, doctor, export, fit_head, info, score, screen
 
-    cli.add_command(info.info)
-    cli.add_command(score.score)
-    cli.add_command(doctor.doctor)
-    cli.add_command(export.export_onnx)
-    cli.add_command(export.build_engine)
-    for optional in ("bench", "screen", "fit_head"):
-        try:
-            module = __import__(f"{__name__}.{optional}", fromlist=["commands"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{optional}":
-                raise
-            continue
-        for command in module.commands:
-            cli.add_command(command)
+    for command in (info.info, score.score, doctor.doctor, export.export_onnx, export.build_engine,
+                    *bench.commands, *screen.commands, *fit_head.commands):
+        cli.add_command(command)
 
 
 _register()
 
 
+def _reserve_stdout_for_results() -> None:
+    """Native libraries print diagnostics on file descriptor 1 (cuFile inside cuCIM: "cuFile
+    initialization failed" on a machine without a driver; libjpeg: "Bogus marker length"), which
+    would corrupt `--json` output. Point fd 1 at stderr for the whole process (worker processes
+    inherit it) and keep Python's sys.stdout on a private copy of the real stdout."""
+    try:
+        sys.stdout.flush()
+        results_fd = os.dup(1)
+        os.dup2(2, 1)
+    except (OSError, ValueError):
+        return  # no usable stdout/stderr (daemonised): nothing to protect
+    sys.stdout = io.TextIOWrapper(os.fdopen(results_fd, "wb"), encoding=sys.stdout.encoding or "utf-8",
+                                  errors=sys.stdout.errors, line_buffering=True)
+
+
 def main() -> None:
+    _reserve_stdout_for_results()
+    # torch's OpenMP threads spin-wait after each parallel region by default, taking the cores the
+    # tile decoder threads need (and stalling short kernels such as the head); passive waiting was
+    # measured 1.5-4x faster on 2 shared cores by `bench`. libgomp reads it once, when torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="jwth-engine")

@@ -42,11 +42,6 @@ def bench(slide, model, weights, head, pooling, device, backend, precision, no_c
     # Each pass must decode: cuCIM's decoded-tile cache would turn repeated passes into cache
     # reads. Set before cuCIM is first imported (it reads its configuration once per process).
     os.environ.setdefault("JWTH_CUCIM_CACHE_MB", "0")
-    # OpenMP threads that spin after each parallel region steal the cores the reader thread
-    # needs (and stall short kernels such as the head by a whole backbone call on a busy
-    # machine); passive waiting measured 1.5-4x faster on 2 shared cores. libgomp reads this
-    # once, when torch loads, which has not happened yet in a CLI process.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from ..pipeline.bench import bench_slide, format_table
 
     def log(message: str) -> None:

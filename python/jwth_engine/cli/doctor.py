@@ -33,15 +33,22 @@ def collect() -> dict:
                 f"{torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
                 for i in range(torch.cuda.device_count())
             ]
-    for name, module in (("cucim", "cucim"), ("openslide", "openslide"), ("timm", "timm"),
-                         ("onnxruntime", "onnxruntime"), ("tensorrt", "tensorrt"), ("ray", "ray")):
+    for name, module in (("cucim", "cucim"), ("openslide", "openslide"), ("timm", "timm"), ("ray", "ray")):
         report[name] = _probe(module)[1]
+    from ..backends import cpu_has_native_bf16
+    from ..backends.onnxruntime_backend import onnxruntime_status
+    from ..backends.tensorrt_backend import tensorrt_status
+
+    # The backends' own probes, so doctor says exactly what `--backend` would say.
+    report["onnxruntime"] = onnxruntime_status()[1]
+    report["tensorrt"] = tensorrt_status()[1]
     try:
         import onnxruntime
 
         report["onnxruntime_providers"] = onnxruntime.get_available_providers()
     except ImportError:
         pass
+    report["cpu_native_bf16"] = cpu_has_native_bf16()
     from .. import _native
 
     report["native_kernels"] = _native.describe()

@@ -15,7 +15,7 @@ def model_options(func):
     decorators = [
         click.option("--model", default=None, metavar="PRESET|FILE.json",
                       help="Backbone preset name or preset JSON (default: the head's preset, else jwth_vitl14_reg4). "
-                           "`jwth-engine doctor --presets` lists them."),
+                           "`jwth-engine doctor` lists them."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Backbone checkpoint (.safetensors, or .pt/.pth/.bin loaded with weights_only)."),
         click.option("--head", type=click.Path(exists=True, dir_okay=False), default=None,

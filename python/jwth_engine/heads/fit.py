@@ -105,6 +105,28 @@ def _split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarr
     return np.array(sorted(train)), np.array(sorted(val), dtype=np.int64)
 
 
+def _standardised_class_tokens(tokens: torch.Tensor, train_idx: np.ndarray):
+    """Class tokens z-scored with the training split's statistics: (tokens with token 0 replaced,
+    mean, std). A linear probe trains on these, as MAE's protocol does with a BatchNorm without
+    affine parameters in front of the classifier: class tokens vary by a few percent between tiles,
+    too little for a few hundred optimiser steps on the raw scale."""
+    cls = tokens[train_idx, 0].double()
+    mean = cls.mean(0)
+    std = cls.std(0, unbiased=False) if len(train_idx) > 1 else torch.ones_like(mean)
+    std = torch.where(std > 1e-6 * cls.abs().mean().clamp_min(1e-30), std, torch.ones_like(std))
+    scaled = tokens.clone()
+    scaled[:, 0] = ((tokens[:, 0].double() - mean) / std).to(tokens.dtype)
+    return scaled, mean, std
+
+
+def _fold_standardisation(classifier: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """W((x - m)/s) + b  ==  (W/s) x + (b - (W/s) m): the saved head takes raw class tokens."""
+    with torch.no_grad():
+        weight = classifier.weight.double() / std
+        classifier.bias.copy_((classifier.bias.double() - weight @ mean).to(classifier.bias.dtype))
+        classifier.weight.copy_(weight.to(classifier.weight.dtype))
+
+
 def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_classes: int,
                num_heads: int, num_prefix_tokens: int, epochs: int = 50, lr: float = 1e-3,
                weight_decay: float = 1e-4, batch_size: int = 64, val_fraction: float = 0.2,
@@ -115,6 +137,8 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
     dim = tokens.shape[-1]
     head = build_head(pooling, dim, num_classes, num_heads, num_prefix_tokens)
     train_idx, val_idx = _split(labels, val_fraction, seed)
+    if pooling == "linear-probe":
+        tokens, cls_mean, cls_std = _standardised_class_tokens(tokens, train_idx)
     y = torch.as_tensor(labels, dtype=torch.long)
     counts = np.bincount(labels[train_idx], minlength=num_classes).astype(np.float64)
     weights = torch.tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 0.0),
@@ -148,6 +172,8 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
         log(f"epoch {epoch + 1}/{epochs} loss {history[-1]['loss']:.4f} train bacc {train_bacc:.3f}"
             + (f" val bacc {val_bacc:.3f}" if val_bacc is not None else ""))
     head.load_state_dict(best["state"])
+    if pooling == "linear-probe":
+        _fold_standardisation(head.classifier, cls_mean, cls_std)
     report = {
         "pooling": pooling, "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "seed": seed,
         "num_train": int(len(train_idx)), "num_val": int(len(val_idx)), "best_epoch": best["epoch"],

@@ -17,6 +17,12 @@ from typing import Iterator
 TMP_PREFIX = ".jwth-tmp-"
 
 
+def _umask() -> int:
+    mask = os.umask(0)   # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -36,6 +42,8 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
+            # mkstemp creates 0600; results are meant to be shared like any file the user writes.
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp_path, dest)
         _fsync_dir(dest.parent)

@@ -31,8 +31,6 @@ import resource
 import statistics
 import threading
 import time
-import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -179,52 +177,6 @@ def _summary(rates: list[float]) -> dict:
     return {"tiles_per_s": round(statistics.median(rates), 2), "passes": [round(r, 2) for r in rates]}
 
 
-@dataclass
-class LoadedModel:
-    stage: ModelStage
-    preset: object
-    backbone: object
-    backend: object
-    head_meta: object
-    tile_size: int
-    target_mpp: float
-
-
-def load_model(*, model: str | None, weights: str | None, head: str | None, pooling: str | None,
-               backend: str, device: str, precision: str, batch_size: int, compile: bool | None,
-               seed: int, tile_size: int | None = None, log: Callable[[str], None] = print) -> LoadedModel:
-    """Backbone, backend and head as `score_slide` builds them (random head when none is given)."""
-    from ..backends import select_backend
-    from ..errors import ConfigError
-    from ..heads import load_head, random_head
-    from ..heads.native import make_head_runner
-    from ..models import get_preset, load_backbone
-    from ..score import DEFAULT_CLASSES, DEFAULT_PRESET, _random_head_heads
-
-    loaded_head = load_head(head) if head else None
-    if loaded_head is not None and pooling and pooling != loaded_head.meta.pooling:
-        raise ConfigError(f"{head}: head file is a {loaded_head.meta.pooling} head but --pooling {pooling} was given")
-    preset_name = model or (loaded_head.meta.backbone_preset if loaded_head else DEFAULT_PRESET)
-    preset = get_preset(preset_name)
-    tile_size = tile_size or (loaded_head.meta.tile_size if loaded_head else preset.input_size)
-    target_mpp = loaded_head.meta.target_mpp if loaded_head else preset.native_mpp
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights are expected in a benchmark
-        backbone = load_backbone(preset_name, weights, seed=seed)
-        if loaded_head is None:
-            loaded_head = random_head(
-                pooling or "jwth", dim=backbone.embed_dim, num_prefix_tokens=backbone.num_prefix_tokens,
-                classes=list(DEFAULT_CLASSES), num_heads=_random_head_heads(backbone.embed_dim),
-                backbone_preset=preset.name, backbone_weights_hash=backbone.weights_hash,
-                tile_size=tile_size, target_mpp=target_mpp, seed=seed,
-            )
-    chosen = select_backend(backbone, backend=backend, device=device, precision=precision,
-                            max_batch=batch_size, compile=compile, log=log)
-    runner = make_head_runner(loaded_head.module).to(chosen.device)
-    stage = ModelStage(chosen, runner, tile_size, preset.mean, preset.std)
-    return LoadedModel(stage, preset, backbone, chosen, loaded_head.meta, tile_size, target_mpp)
-
-
 # --- the stages, alone ----------------------------------------------------------------------------
 
 def time_decode(slide, grid, *, batch_size: int, num_workers: int, prefetch: int, locality: str) -> tuple[float, object]:
@@ -307,6 +259,7 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
                 log: Callable[[str], None] = print) -> dict:
     """Run every measurement on one slide; returns the JSON-ready result (schema BENCH_SCHEMA)."""
     from ..errors import ConfigError
+    from ..scorer import load_scoring_model
     from ..slide import open_slide, resolve_mpp
     from ..tiling import plan_tiles
     from ..tissue import detect_tissue
@@ -325,16 +278,17 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
             slide_mpp = resolve_mpp(slide.info, mpp)
             t_open = time.perf_counter() - t0
             log(f"loading {model or 'default'} model")
-            loaded = load_model(model=model, weights=weights, head=head, pooling=pooling, backend=backend,
-                                device=device, precision=precision, batch_size=batch_size, compile=compile,
-                                seed=seed, tile_size=tile_size, log=log)
-            stage = loaded.stage
+            loaded = load_scoring_model(model=model, weights=weights, head=head, pooling=pooling, backend=backend,
+                                        device=device, precision=precision, batch_size=batch_size,
+                                        compile=compile, seed=seed, tile_size=tile_size, target_mpp=target_mpp,
+                                        announce=log)
+            stage = loaded.stage()
             dev = stage.backend.device
             t = time.perf_counter()
-            tissue = detect_tissue(slide)
+            tissue = detect_tissue(slide, mpp=slide_mpp)
             t_tissue = time.perf_counter() - t
             t = time.perf_counter()
-            grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=target_mpp or loaded.target_mpp,
+            grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=loaded.target_mpp,
                               tile_size=loaded.tile_size, tissue=tissue, min_tissue=min_tissue)
             t_plan = time.perf_counter() - t
             n = len(grid.coords)
@@ -345,7 +299,7 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
                 "model": loaded.preset.name, "backend": stage.backend.describe(), "device": str(dev),
                 "batch_size": batch_size, "num_workers": num_workers, "prefetch": prefetch,
                 "locality": locality, "repeats": repeats, "reader": slide.info.reader,
-                "pooling": loaded.head_meta.pooling, "nice": nice,
+                "pooling": loaded.head.meta.pooling, "nice": nice,
                 "cucim_cache_mb": os.environ.get("JWTH_CUCIM_CACHE_MB", "reader default"),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active spinning)"),
             }

@@ -45,11 +45,11 @@ class ScoreJob:
     def __init__(self, options: dict):
         import torch
 
-        from .scorer import SlideScorer
+        from ..scorer import SlideScorer
 
         self.scorer = SlideScorer(**options)
         self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "device": str(self.scorer.chosen.device), "load_s": round(self.scorer.load_seconds, 2)}
+                     "device": str(self.scorer.device), "load_s": round(self.scorer.model.load_seconds, 2)}
 
     def prepare(self, task: dict):
         return self.scorer.prepare(task["path"], task.get("mpp"))
@@ -63,9 +63,9 @@ class ScoreJob:
         staging = Path(task["staging"])
         staging.mkdir(parents=True, exist_ok=True)
         name = task["slide_id"]
-        summary = self.scorer.finish(prepared, out=staging, name=name, progress=progress)
-        tiles, summary_path = staging / f"{name}.tiles.parquet", staging / f"{name}.summary.json"
-        return {"summary": summary, "tiles_sha256": sha256_file(tiles), "summary_sha256": sha256_file(summary_path)}
+        result = self.scorer.finish(prepared, out=staging, name=name, progress=progress)
+        return {"summary": result.summary, "tiles_sha256": sha256_file(result.tiles_path),
+                "summary_sha256": sha256_file(result.summary_path)}
 
 
 class FunctionJob:

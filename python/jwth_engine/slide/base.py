@@ -205,6 +205,7 @@ class Slide(ABC):
     # --- lifetime --------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Idempotent: error paths may close a slide that a cleanup further up closes again."""
         with self._pool_lock:
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:

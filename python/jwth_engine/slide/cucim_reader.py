@@ -15,10 +15,17 @@ Two cuCIM behaviours this class works around (cuCIM 26.x, checked on the shared 
 
 Decoded-tile cache: cuCIM caches decoded tiles only if configured before its slide plugin loads,
 and in this version only through its config file, not through `CuImage.cache()` (which changes a
-cache the plugin does not use). `_configure_tile_cache` points `CUCIM_CONFIG_PATH` at a
-per-process cache config unless the user has a cuCIM config of their own; with it, a tile grid
-that does not align with the stored tiles decodes each stored tile once instead of up to four
-times (measured: 2x faster batched reads on CMU-1 and on the JPEG 2000 TCGA slide).
+cache the plugin does not use). Off by default: the scoring pipeline reads along the stored tile
+grid (pipeline/locality.py), so it decodes each stored tile once without a cache, and a 1 GB cache
+doubled peak RSS on the 100k x 80k benchmark slide (2.1 GB vs 1.06 GB,
+benchmarks/results/large_slide_cpu.json). `JWTH_CUCIM_CACHE_MB=N` turns it on for callers that
+read unaligned regions one by one (measured: 2x faster such reads on CMU-1 and the JPEG 2000 TCGA
+slide); `_configure_tile_cache` then points `CUCIM_CONFIG_PATH` at a per-process cache config,
+unless the user has a cuCIM config of their own.
+
+cuFile (GPUDirect Storage, loaded by cuCIM) writes `cufile.log` into the working directory unless
+told otherwise (rapidsai/cucim#514); CUFILE_LOGFILE_PATH (NVIDIA's GDS troubleshooting guide) sends
+it to the temp folder instead.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from .tiff import inspect_tiff
 
 INSTALL_HINT = "pip install 'jwth-engine[cu13]' (or '[cu12]' for a CUDA 12 driver)"
 CACHE_ENV = "JWTH_CUCIM_CACHE_MB"
-DEFAULT_CACHE_MB = 1024   # an upper bound, filled on demand: several tile rows of a 150k px wide level
+DEFAULT_CACHE_MB = 0      # see the module docstring
 
 _cache_lock = threading.Lock()
 _cache_configured = False
@@ -77,6 +84,7 @@ def _configure_tile_cache() -> None:
 def import_cucim():
     """The CuImage class, or BackendUnavailable saying what to install."""
     _configure_tile_cache()
+    os.environ.setdefault("CUFILE_LOGFILE_PATH", str(Path(tempfile.gettempdir()) / f"jwth-engine-cufile-{os.getuid()}.log"))
     try:
         from cucim.clara import CuImage
     except ImportError as exc:

@@ -134,5 +134,7 @@ class OpenSlideSlide(Slide):
         return super()._regions(locs, level, size, num_workers)
 
     def close(self) -> None:
+        already = self._closed
         super().close()
-        self._handle.close()
+        if not already:            # openslide-python raises on a second close
+            self._handle.close()
