@@ -41,18 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from jwth_engine.pipeline.bench import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("JWTH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> dict:

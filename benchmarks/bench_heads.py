@@ -33,20 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from jwth_engine import _native
+from jwth_engine.pipeline.bench import cpu_model
 from jwth_engine.heads.native import NativeHead
 from jwth_engine.heads.reference import JwthPoolingHead, LinearProbeHead
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> dict:

@@ -7,7 +7,6 @@ otherwise); everything else runs here on the CPU.
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -16,25 +15,13 @@ from jwth_engine.backends import NUMERICS, choose_backend, choose_precision, sel
 from jwth_engine.backends import select as select_module
 from jwth_engine.errors import BackendUnavailable, ConfigError
 from jwth_engine.heads.reference import JwthPoolingHead
-from jwth_engine.models import load_backbone
+
+from _backbones import lively_backbone
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 NO_TRT = (False, "not installed (tensorrt): pip install 'jwth-engine[tensorrt]'")
 TRT = (True, "10.13.0")
 ORT = (True, "1.32.0")
-
-
-def lively_backbone(preset: str = "test_tiny_patch14_reg4", seed: int = 0):
-    """Random init with LayerScale ~0.5, so the blocks, not the patch embedding, set the tokens."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(preset, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in backbone.module.named_parameters():
-            if name.endswith("gamma") or "gamma_" in name:
-                p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=generator))
-    return backbone
 
 
 def images(batch: int, seed: int = 1) -> torch.Tensor:

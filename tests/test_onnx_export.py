@@ -6,34 +6,19 @@ from __future__ import annotations
 
 import collections
 import json
-import warnings
 
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
 
 from jwth_engine.backends import NUMERICS
 from jwth_engine.backends import onnx_export as ox
 from jwth_engine.cli.export import export_onnx as export_onnx_command
 from jwth_engine.errors import BackendUnavailable
-from jwth_engine.models import load_backbone
+
+from _backbones import lively_backbone
 
 TINY = ["test_tiny_patch14_reg4", "test_tiny_patch16_rope"]
-
-
-def lively_backbone(preset: str, seed: int = 0):
-    """Random init with LayerScale raised from 1e-5 to ~0.5: the blocks (attention, RoPE, MLP)
-    dominate the tokens, so a wrong op in the graph shows up in the parity numbers."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(preset, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in backbone.module.named_parameters():
-            if name.endswith("gamma") or "gamma_" in name:
-                p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=generator))
-    return backbone
 
 
 @pytest.fixture(scope="module", params=TINY)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -18,19 +17,8 @@ from jwth_engine.backends import NUMERICS, select_backend, token_rel_error
 from jwth_engine.backends import tensorrt_backend as trt_backend
 from jwth_engine.cli.export import build_engine as build_engine_command
 from jwth_engine.errors import BackendUnavailable, ConfigError
-from jwth_engine.models import load_backbone
 
-
-def tiny(preset: str = "test_tiny_patch14_reg4", seed: int = 0):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(preset, seed=seed)
-    generator = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in backbone.module.named_parameters():
-            if name.endswith("gamma") or "gamma_" in name:
-                p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=generator))
-    return backbone
+from _backbones import lively_backbone
 
 
 KEY_ARGS = dict(precision="bf16", max_batch=64, gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
@@ -38,7 +26,7 @@ KEY_ARGS = dict(precision="bf16", max_batch=64, gpu_name="NVIDIA H100 80GB HBM3"
 
 
 def test_engine_key_changes_with_every_component():
-    backbone, profile = tiny(), trt_backend.load_build_profile()
+    backbone, profile = lively_backbone(), trt_backend.load_build_profile()
     base = trt_backend.engine_key(backbone, profile=profile, **KEY_ARGS)
     assert trt_backend.engine_key(backbone, profile=profile, **KEY_ARGS) == base
     variants = [dict(precision="fp16"), dict(max_batch=32), dict(gpu_name="NVIDIA L40S"),
@@ -50,7 +38,7 @@ def test_engine_key_changes_with_every_component():
     stems.add(trt_backend.engine_key(backbone, profile=other_profile, **KEY_ARGS).stem())
     backbone.weights_hash = "f" * 64                        # other weights
     stems.add(trt_backend.engine_key(backbone, profile=profile, **KEY_ARGS).stem())
-    stems.add(trt_backend.engine_key(tiny("test_tiny_patch16_rope"), profile=profile, **KEY_ARGS).stem())
+    stems.add(trt_backend.engine_key(lively_backbone("test_tiny_patch16_rope"), profile=profile, **KEY_ARGS).stem())
     assert len(stems) == len(variants) + 4
     assert base.stem().startswith("test-tiny-patch14-reg4-bf16-b64-sm90-")
 
@@ -66,7 +54,7 @@ def test_build_profile_shapes():
 
 
 def test_calibration_input(tmp_path):
-    backbone = tiny()
+    backbone = lively_backbone()
     tiles = np.random.default_rng(0).integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
     np.save(tmp_path / "tiles.npy", tiles)
     data = trt_backend.load_calibration(tmp_path / "tiles.npy", backbone, min_tiles=64)
@@ -85,9 +73,9 @@ def test_missing_tensorrt_is_explained(monkeypatch):
     ok, detail = trt_backend.tensorrt_status()
     assert not ok and "pip install 'jwth-engine[tensorrt]'" in detail
     with pytest.raises(BackendUnavailable, match=r"--backend tensorrt: tensorrt is not installed.*pip install"):
-        select_backend(tiny(), backend="tensorrt", log=lambda m: None)
+        select_backend(lively_backbone(), backend="tensorrt", log=lambda m: None)
     with pytest.raises(BackendUnavailable, match="build-engine: tensorrt is not installed"):
-        trt_backend.build_engine(tiny(), precision="fp16", max_batch=4)
+        trt_backend.build_engine(lively_backbone(), precision="fp16", max_batch=4)
     result = CliRunner().invoke(build_engine_command, ["--model", "test_tiny_patch14_reg4", "--precision", "fp16"])
     assert isinstance(result.exception, BackendUnavailable) and "pip install" in str(result.exception)
 
@@ -115,7 +103,7 @@ def trt_gpu():
 @pytest.mark.parametrize("preset", ["test_tiny_patch14_reg4", "test_tiny_patch16_rope"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_engine_build_and_runtime(trt_gpu, tmp_path, preset, precision):
-    backbone = tiny(preset)
+    backbone = lively_backbone(preset)
     messages: list[str] = []
     backend = select_backend(backbone, backend="tensorrt", device="cuda", precision=precision, max_batch=4,
                              cache_dir=str(tmp_path), log=messages.append)
@@ -137,7 +125,7 @@ def test_engine_build_and_runtime(trt_gpu, tmp_path, preset, precision):
 
 
 def test_cuda_graph_and_plain_enqueue_agree(trt_gpu, tmp_path):
-    backbone = tiny()
+    backbone = lively_backbone()
     graphs = select_backend(backbone, backend="tensorrt", device="cuda", precision="fp32", max_batch=4,
                             cache_dir=str(tmp_path), log=lambda m: None)
     plain = select_backend(backbone, backend="tensorrt", device="cuda", precision="fp32", max_batch=4,

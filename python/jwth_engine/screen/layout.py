@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..outputs.atomic import TMP_PREFIX, remove_stale_temps, sha256_file
+from ..outputs.atomic import TMP_PREFIX, fsync_dir, remove_stale_temps, sha256_file
 
 LEDGER_NAME = "ledger.sqlite"
 
@@ -104,11 +104,11 @@ class ScreenLayout:
             old = self.trash / f"{slide_id}.{os.getpid()}.{os.urandom(4).hex()}"
             os.rename(final, old)
             os.rename(staging, final)
-            _fsync_dir(self.slides)
+            fsync_dir(self.slides)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(staging, final)
-            _fsync_dir(self.slides)
+            fsync_dir(self.slides)
         return final
 
     def retire(self, slide_id: str) -> None:
@@ -135,14 +135,6 @@ class ScreenLayout:
                 removed += 1
         removed += remove_stale_temps(self.root)
         return removed
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["LEDGER_NAME", "ScreenLayout", "TMP_PREFIX"]
