@@ -7,18 +7,17 @@ a source checkout (PYTHONPATH=python) there is no such package, so we fall back 
 from __future__ import annotations
 
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 
 @lru_cache(maxsize=1)
 def spec_root() -> Path:
-    try:
-        root = Path(str(resources.files("jwth_engine._specs")))
-        if root.is_dir():
-            return root
-    except ModuleNotFoundError:
-        pass
+    # The installed data package sits beside this module (the wheel is not zip-safe). It has no
+    # __init__.py, so importlib.resources would see a namespace package and return a
+    # MultiplexedPath rather than a folder: look for the folder directly.
+    installed = Path(__file__).resolve().parent / "_specs"
+    if (installed / "presets").is_dir():
+        return installed
     source_tree = Path(__file__).resolve().parents[2] / "engine"
     if source_tree.is_dir():
         return source_tree

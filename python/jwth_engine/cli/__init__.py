@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -30,10 +31,16 @@ class _Group(click.Group):
 def cli(verbose: int) -> None:
     """Score whole-slide images with JWTH attention-pooling heads on foundation-model backbones."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.captureWarnings(True)
+    fmt = "%(levelname)s %(name)s: %(message)s" if verbose else "jwth-engine: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    warnings.showwarning = _show_warning
     # Which backend runs, and why, is shown by default: the issue of "why is this slow" starts there.
     logging.getLogger("jwth_engine.backends").setLevel(min(level, logging.INFO))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (random weights, random head, head/backbone mismatch) as one line each on stderr."""
+    click.echo(f"warning: {message}", err=True)
 
 
 def _register() -> None:
