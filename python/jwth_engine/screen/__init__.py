@@ -5,8 +5,8 @@
 
 Modules, one job each: `sources` (folder / manifest → slide ids), `config` (what must not change
 within one output folder), `ledger` (SQLite state), `layout` (the output folder and its atomic
-moves), `worker` + `process` (one worker process, both sides), `scorer` (score_slide's steps
-with the model loaded once and the next slide prepared ahead), `local` (a pool of workers),
+moves), `worker` + `process` (one worker process, both sides; the worker scores with
+`jwth_engine.scorer.SlideScorer`, model loaded once, next slide prepared ahead), `local` (a pool of workers),
 `ray_runner` (the same workers as Ray actors), `run` (the driver), `results` (summary tables),
 `progress` and `status` (what the user sees), `gpus` (counting GPUs without touching CUDA here).
 """

@@ -77,7 +77,7 @@ def _preset_defaults(name: str) -> tuple[int | None, float | None]:
 def identity(options: ScreenOptions) -> dict:
     """The options that decide a slide's scores, with defaults resolved the way `score_slide`
     resolves them, so that spelling a default out does not count as a different configuration."""
-    from ..score import DEFAULT_PRESET
+    from ..scorer import DEFAULT_PRESET
 
     head_meta = _read_head_meta(Path(options.head)) if options.head else None
     model = options.model or (head_meta["backbone_preset"] if head_meta else DEFAULT_PRESET)
