@@ -159,6 +159,20 @@ ArrayArg float_array(py::handle obj, const char* name, const ArrayArg& tokens, c
   return a;
 }
 
+// The caller-allocated float32 scratch buffer of a kernel: on the tokens' device, at least `need` floats.
+ArrayArg workspace_array(py::handle obj, const ArrayArg& tokens, int64_t need, const char* size_fn) {
+  ArrayArg ws = parse_array(obj, "workspace");
+  expect_same_device(ws, tokens);
+  expect_dtype(ws, {DType::kFloat32});
+  expect_contiguous(ws);
+  JWTH_CHECK_VALUE(ws.numel() >= need, "workspace",
+                   "has " + std::to_string(ws.numel()) + " floats, needs " + std::to_string(need) + " (see " +
+                       size_fn + ")");
+  return ws;
+}
+
+const char* device_kind(const ArrayArg& a) { return a.device == Device::kCPU ? "cpu" : "cuda"; }
+
 int resolve_threads(int n) {
   if (n < 0) value_error("num_threads", "must be >= 0 (0 = OpenMP default), got " + std::to_string(n));
   return n;
@@ -247,15 +261,10 @@ void jwth_pool(py::handle tokens_o, py::handle wq_o, py::handle bq_o, py::handle
   p.pooled = pooled.present ? pooled.data<float>() : nullptr;
   const ArrayArg attn = float_array(attn_o, "attn", tokens, {B, H, P}, "batch x heads x patch tokens", true);
   p.attn = attn.present ? attn.data<float>() : nullptr;
-  const ArrayArg ws = parse_array(workspace_o, "workspace");
-  expect_same_device(ws, tokens);
-  expect_dtype(ws, {DType::kFloat32});
-  expect_contiguous(ws);
-  const int64_t need = jwth_workspace_size(B, T, D, H, num_prefix_tokens, C,
-                                           tokens.device == Device::kCPU ? "cpu" : "cuda", tokens.device_index);
-  JWTH_CHECK_VALUE(ws.numel() >= need, "workspace",
-                   "has " + std::to_string(ws.numel()) + " floats, needs " + std::to_string(need) +
-                       " (see jwth_workspace_size)");
+  const ArrayArg ws = workspace_array(
+      workspace_o, tokens,
+      jwth_workspace_size(B, T, D, H, num_prefix_tokens, C, device_kind(tokens), tokens.device_index),
+      "jwth_workspace_size");
   p.workspace = ws.data<float>();
   p.workspace_floats = ws.numel();
   p.num_threads = resolve_threads(num_threads);
@@ -317,14 +326,9 @@ void linear_probe(py::handle tokens_o, py::handle wc_o, py::handle bc_o, py::han
   p.logits = float_array(logits_o, "logits", tokens, {B, C}, "batch x num_classes").data<float>();
   const ArrayArg pooled = float_array(pooled_o, "pooled", tokens, {B, D}, "batch x D", true);
   p.pooled = pooled.present ? pooled.data<float>() : nullptr;
-  const ArrayArg ws = parse_array(workspace_o, "workspace");
-  expect_same_device(ws, tokens);
-  expect_dtype(ws, {DType::kFloat32});
-  expect_contiguous(ws);
-  const int64_t need = linear_probe_workspace_size(B, D, C, tokens.device == Device::kCPU ? "cpu" : "cuda",
-                                                   tokens.device_index);
-  JWTH_CHECK_VALUE(ws.numel() >= need, "workspace",
-                   "has " + std::to_string(ws.numel()) + " floats, needs " + std::to_string(need));
+  const ArrayArg ws = workspace_array(
+      workspace_o, tokens, linear_probe_workspace_size(B, D, C, device_kind(tokens), tokens.device_index),
+      "linear_probe_workspace_size");
   p.workspace = ws.data<float>();
   p.workspace_floats = ws.numel();
   p.num_threads = resolve_threads(num_threads);
