@@ -52,13 +52,16 @@ def score_slide(
     started = time.perf_counter()
     check_options(batch_size=batch_size, min_tissue=min_tissue, top_k=top_k)
     out_dir = check_out_dir(out)
+    t_open = time.perf_counter()
     opened = open_for_scoring(path, reader=reader, mpp=mpp)
+    t_open = time.perf_counter() - t_open
     try:
         scorer = SlideScorer(model=model, weights=weights, head=head, pooling=pooling, device=device,
                              backend=backend, precision=precision, batch_size=batch_size, mpp=mpp,
                              tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue, top_k=top_k,
                              num_workers=num_workers, reader=reader, seed=seed, compile=compile)
         prepared = scorer.prepare(path, mpp, opened=opened)
+        prepared.timings["open"] = t_open    # opened before the model was loaded, to fail fast
     except BaseException:
         opened[0].close()
         raise
