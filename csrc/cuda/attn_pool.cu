@@ -527,7 +527,9 @@ void launch_token_pass(const JwthPlan& plan, TokenPassArgs args, cudaStream_t st
   const dim3 grid(unsigned(plan.tp.groups), unsigned(plan.nchunks), unsigned(std::min<int64_t>(args.B, 65535)));
   JWTH_DISPATCH_CPT(plan.tp.cpt, CPT, [&] {
     auto kernel = token_pass_kernel<T, CPT>;
-    JWTH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    // The device's opt-in maximum, not this call's size: another thread may launch the same
+    // kernel with a larger D between this call's attribute change and its launch.
+    JWTH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(limit)));
     kernel<<<grid, plan.tp.threads, size_t(smem), stream>>>(args);
     JWTH_CUDA_LAUNCH_CHECK();
   });

@@ -292,7 +292,8 @@ def _build_serialized(trt, onnx_path: Path, backbone, build: BuildProfile, max_b
     config.add_optimization_profile(opt_profile)
     timing_path = timing_cache_path(cache_dir, gpu_name, capability, trt.__version__)
     timing_cache = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    if not config.set_timing_cache(timing_cache, ignore_mismatch=False):
+        log(f"TensorRT rejected the timing cache {timing_path} (another TensorRT or GPU?); building without it")
     monitor = _progress_monitor(trt, log)
     if monitor is not None:
         config.progress_monitor = monitor
@@ -362,7 +363,8 @@ class TensorRTBackend:
 
     # -- plain enqueue --
     def _enqueue(self, context, images: torch.Tensor, tokens: torch.Tensor, stream: torch.cuda.Stream) -> None:
-        context.set_input_shape(INPUT_NAME, tuple(images.shape))
+        if not context.set_input_shape(INPUT_NAME, tuple(images.shape)):
+            raise ValueError(f"images: batch shape {tuple(images.shape)} is outside the engine's optimisation profile")
         context.set_tensor_address(INPUT_NAME, images.data_ptr())
         context.set_tensor_address(OUTPUT_NAME, tokens.data_ptr())
         if not context.execute_async_v3(stream.cuda_stream):

@@ -106,11 +106,13 @@ class TorchBackend:
         batch = images.shape[0]
         if self.compiled and batch > self.max_batch:
             return torch.cat([self(chunk) for chunk in images.split(self.max_batch)])
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         if self.compiled and batch < self.max_batch:
             pad = images.new_zeros((self.max_batch - batch, *images.shape[1:]))
             images = torch.cat([images, pad])
+        # After the padding: cat of a channels-last and a contiguous tensor is contiguous, which
+        # would fail the compiled graph's stride guard (a recompile and a second graph capture).
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         tokens = self._forward(images)
         if self.compiled:
             # CUDA-graph outputs live in a pool the next replay overwrites: hand out a copy.

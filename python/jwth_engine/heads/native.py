@@ -66,6 +66,8 @@ class NativeHead:
         if device is None:
             device = params["wc"].device
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:   # tokens arrive as cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._params = self._copy(params, self.device)
         self._local = threading.local()
 

@@ -140,6 +140,7 @@ def _upload(prefetcher: TilePrefetcher, model: ModelStage, device: torch.device,
         with torch.inference_mode(), torch.cuda.device(device), torch.cuda.stream(copy_stream):
             for batch in prefetcher:
                 t = time.perf_counter()
+                copied = None
                 try:
                     tiles = batch.tiles.to(device, non_blocking=True)
                     copied = torch.cuda.Event()
@@ -147,8 +148,13 @@ def _upload(prefetcher: TilePrefetcher, model: ModelStage, device: torch.device,
                     images = model.preprocess(tiles)
                     ready = torch.cuda.Event()
                     ready.record(copy_stream)
-                    copied.synchronize()   # the pinned buffer is free once the copy has run
                 finally:
+                    # The pinned buffer goes back to the reader only once the copy out of it has
+                    # run, also when preprocessing failed (the reader would refill it mid-copy).
+                    if copied is not None:
+                        copied.synchronize()
+                    else:
+                        copy_stream.synchronize()
                     batch.release()
                 busy[0] += time.perf_counter() - t
                 if not dest.put((images, ready, len(batch))):
@@ -177,7 +183,9 @@ def _run_gpu(prefetcher: TilePrefetcher, model: ModelStage, device: torch.device
         events[-1].synchronize()
         gpu_ms["backbone"] += events[0].elapsed_time(events[1])
         gpu_ms["head"] += events[1].elapsed_time(events[2])
-        out.append(host.numpy())
+        # A pageable copy: holding the pinned buffer would keep torch's pinned-memory cache from
+        # reusing it, and every batch would pay a fresh cudaHostAlloc.
+        out.append(host.numpy().copy())
         done_at.append(time.perf_counter())
         if progress:
             progress(n)
