@@ -72,7 +72,7 @@ def _reserve_stdout_for_results() -> None:
 def main() -> None:
     _reserve_stdout_for_results()
     # torch's OpenMP threads spin-wait after each parallel region by default, taking the cores the
-    # tile decoder threads need (and stalling short kernels such as the head); passive waiting was
-    # measured 1.5-4x faster on 2 shared cores by `bench`. libgomp reads it once, when torch loads.
+    # tile decoder threads need (and stalling short kernels such as the head). libgomp reads it
+    # once, when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="jwth-engine")
