@@ -111,12 +111,22 @@ class GridReader:
     `Slide.read_regions`).
     """
 
-    def __init__(self, slide, grid, *, num_workers: int = 2, locality: str = "auto"):
+    def __init__(self, slide, grid, *, num_workers: int = 2, locality: str = "auto", decode=None):
+        """`decode`: a slide.decoding.RawDecodeChoice; with a TileDecoder in it, decode units are
+        the level's stored tiles, decoded in batches from their raw bytes (whatever `locality`)."""
         self.slide = slide
         self.grid = grid
         self.num_workers = int(num_workers)
         info = slide.info
-        self.plan = plan_reads(info, grid.level, grid.read_size, locality)
+        self.decode = decode
+        self._decoder = decode.decoder if decode is not None else None
+        if self._decoder is not None:
+            raw = self._decoder.raw
+            self.plan = ReadPlan("raw-tiles", f"stored {raw.tile_w}x{raw.tile_h} {raw.codec} tiles, "
+                                 f"batch-decoded by {self._decoder.name}", grid.level, grid.read_size,
+                                 (raw.tile_w, raw.tile_h), (raw.tile_w, raw.tile_h))
+        else:
+            self.plan = plan_reads(info, grid.level, grid.read_size, locality)
         self.counters = ReadCounters(decoded_is_estimate=self.plan.mode == "per-tile")
         self._ds = float(info.level_downsamples[grid.level])
         self._width, self._height = (int(v) for v in info.level_dimensions[grid.level])
@@ -128,7 +138,7 @@ class GridReader:
         inside_w = np.clip(np.minimum(self._xl + r, self._width) - np.maximum(self._xl, 0), 0, None)
         inside_h = np.clip(np.minimum(self._yl + r, self._height) - np.maximum(self._yl, 0), 0, None)
         self._needed = inside_w * inside_h
-        if self.plan.mode == "stored-tiles":
+        if self.plan.mode in ("stored-tiles", "raw-tiles"):
             self._prepare_units()
         self._units: dict[int, np.ndarray] = {}
 
@@ -170,8 +180,9 @@ class GridReader:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def read_into(self, start: int, out: np.ndarray) -> int:
-        """Read tiles [start, start + len(out)) (clipped to the grid) into `out` [n, R, R, 3] uint8.
+    def read_into(self, start: int, out) -> int:
+        """Read tiles [start, start + len(out)) (clipped to the grid) into `out` [n, R, R, 3] uint8
+        (numpy, or a torch tensor on the GPU when the decoder's tiles are there).
 
         Returns the number of tiles read. Raises SlideError from the reader.
         """
@@ -213,7 +224,13 @@ class GridReader:
             used.update(self._tile_units(i))
         # Sorted = row-major: neighbouring units, neighbouring file offsets.
         wanted = sorted(uid for uid in used if uid not in self._units)
-        if wanted:
+        if wanted and self._decoder is not None:
+            # Unit ids are the level's tile indices (row-major over the same grid).
+            for uid, unit in zip(wanted, self._decoder.decode(wanted)):
+                self._units[uid] = unit
+            self.counters.regions += len(wanted)
+            self.counters.decoded_px += len(wanted) * uw * uh
+        elif wanted:
             locs = [(level_to_level0((uid % self._ucols) * uw, self._ds),
                      level_to_level0((uid // self._ucols) * uh, self._ds)) for uid in wanted]
             for uid, unit in zip(wanted, self.slide.read_regions(locs, self.grid.level, (uw, uh),
@@ -249,6 +266,8 @@ class GridReader:
 
     def close(self) -> None:
         self._units.clear()
+        if self._decoder is not None:
+            self._decoder.close()
 
 
 def iter_batches(reader: GridReader, batch_size: int) -> Iterator[np.ndarray]:

@@ -35,6 +35,14 @@ from .queues import BoundedQueue, Closed
 _END = object()
 
 
+def _record_event(stream):
+    import torch
+
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
+
+
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
@@ -43,10 +51,11 @@ class _Failure:
 class BufferPool:
     """A fixed number of [B, R, R, 3] uint8 buffers, allocated on first use, handed out and returned."""
 
-    def __init__(self, count: int, shape: tuple[int, ...], *, pin_memory: bool = False):
+    def __init__(self, count: int, shape: tuple[int, ...], *, pin_memory: bool = False, device=None):
         self.count = int(count)
         self.shape = tuple(int(s) for s in shape)
         self.pin_memory = bool(pin_memory)
+        self.device = device          # a CUDA device: the raw GPU path cuts tiles straight into it
         self._free: list = []
         self._allocated = 0
         self._cond = threading.Condition()
@@ -56,8 +65,9 @@ class BufferPool:
     def _allocate(self):
         import torch
 
-        tensor = torch.empty(self.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
-        return tensor
+        if self.device is not None:
+            return torch.empty(self.shape, dtype=torch.uint8, device=self.device)
+        return torch.empty(self.shape, dtype=torch.uint8, pin_memory=self.pin_memory)
 
     def acquire(self):
         """A free buffer (a CPU torch tensor); blocks while all are in use; Closed after close()."""
@@ -94,8 +104,10 @@ class TileBatch:
 
     index: int
     start: int
-    tiles: object                  # torch.uint8 [n, R, R, 3] on the CPU (pinned when pin_memory)
+    tiles: object                  # torch.uint8 [n, R, R, 3] on the CPU (pinned when pin_memory),
+                                   # or on the GPU when the raw GPU decoder produced it
     _release: Callable[[], None] | None = field(default=None, repr=False)
+    ready: object = None           # GPU tiles: a CUDA event recorded after they were written
 
     def __len__(self) -> int:
         return int(self.tiles.shape[0])
@@ -131,7 +143,8 @@ class TilePrefetcher:
     """
 
     def __init__(self, slide, grid, *, batch_size: int, num_workers: int = 2, prefetch: int = 2,
-                 locality: str = "auto", pin_memory: bool = False, nice: int = 0):
+                 locality: str = "auto", pin_memory: bool = False, nice: int = 0, decode=None,
+                 device=None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prefetch < 1:
@@ -140,19 +153,44 @@ class TilePrefetcher:
         self.batch_size = int(batch_size)
         self.prefetch = int(prefetch)
         self.nice = int(nice)
-        self.reader = GridReader(slide, grid, num_workers=num_workers, locality=locality)
+        self._stream = None
+        self.decode = self._choose_decoder(decode, device, num_workers)
+        self.reader = GridReader(slide, grid, num_workers=num_workers, locality=locality, decode=self.decode)
         size = grid.read_size
+        on_device = self._stream is not None and self.decode.decoder is not None
         # Buffers in use at once: `prefetch` queued + 1 being filled + 1 held by the consumer
         # (2 on a GPU, where one is in flight on the copy stream).
         rows = max(1, min(self.batch_size, len(self.reader)))
-        self._pool = BufferPool(self.prefetch + 2 + int(pin_memory), (rows, size, size, 3),
-                                pin_memory=pin_memory)
+        self._pool = BufferPool(self.prefetch + 2 + int(pin_memory or on_device), (rows, size, size, 3),
+                                pin_memory=pin_memory and not on_device,
+                                device=self._stream.device if on_device else None)
         self._queue = BoundedQueue(self.prefetch, "decoded batches")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._done = False
         self.stats = PrefetchStats(queue_capacity=self.prefetch, buffers=self._pool.count)
+
+    def _choose_decoder(self, decode, device, num_workers: int):
+        """`decode` (slide.decoding.DecodeRequest) → RawDecodeChoice; None keeps the reader path.
+        The GPU decoder gets a stream of its own: decoding, cutting and the `ready` event of each
+        batch are ordered on it."""
+        if decode is None:
+            return None
+        from ..slide.decoding import choose_decoder
+
+        threads = max(1, int(num_workers))
+        if decode.backend != "gpu":
+            return choose_decoder(self.slide, self.grid.level, decode, num_threads=threads)
+        import torch
+
+        dev = torch.device(device) if device is not None else torch.device("cuda")
+        if dev.type != "cuda":
+            dev = torch.device("cuda")
+        self._stream = torch.cuda.Stream(dev)
+        with torch.cuda.stream(self._stream):
+            return choose_decoder(self.slide, self.grid.level, decode, device=dev, stream=self._stream,
+                                  num_threads=threads)
 
     @property
     def num_tiles(self) -> int:
@@ -179,6 +217,15 @@ class TilePrefetcher:
         return self
 
     def _run(self) -> None:
+        if self._stream is None:
+            self._read_all()
+            return
+        import torch
+
+        with torch.cuda.stream(self._stream):   # current stream is per thread: set it here
+            self._read_all()
+
+    def _read_all(self) -> None:
         if self.nice > 0 and hasattr(os, "setpriority"):
             try:  # per thread on Linux; threads created from here (decode pools) inherit it
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
@@ -196,13 +243,18 @@ class TilePrefetcher:
                     return
                 t1 = time.perf_counter()
                 n = min(self.batch_size, self.num_tiles - start)
+                ready = None
                 try:
-                    self.reader.read_into(start, buf.numpy()[:n])
+                    if buf.is_cuda:
+                        self.reader.read_into(start, buf[:n])
+                        ready = _record_event(self._stream)
+                    else:
+                        self.reader.read_into(start, buf.numpy()[:n])
                 except BaseException:
                     self._pool.release(buf)
                     raise
                 t2 = time.perf_counter()
-                batch = TileBatch(index, start, buf[:n], _release=lambda b=buf: self._pool.release(b))
+                batch = TileBatch(index, start, buf[:n], _release=lambda b=buf: self._pool.release(b), ready=ready)
                 ok = self._queue.put(batch)
                 t3 = time.perf_counter()
                 stats.decode_s += t2 - t1
@@ -252,6 +304,8 @@ class TilePrefetcher:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        if thread is None:
+            self.reader.close()   # never started: the reader thread did not close it
         self.stats.queue_high_water = self._queue.high_water
         self.stats.buffers_high_water = self._pool.in_use_high_water
 

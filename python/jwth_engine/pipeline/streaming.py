@@ -51,6 +51,7 @@ class PipelineStats:
     batches: int = 0
     wall_s: float = 0.0
     read_plan: dict = field(default_factory=dict)
+    decoder: dict = field(default_factory=dict)    # which decoder ran and why (slide.decoding)
     decoded_px: int = 0
     needed_px: int = 0
     decode_ratio: float | None = None          # decoded / needed pixels
@@ -74,11 +75,12 @@ def run_streaming(slide, grid: TileGrid, model: ModelStage, *, batch_size: int,
                   num_workers: int = 2, prefetch: int = 2,
                   progress: Callable[[int], None] | None = None,
                   locality: str = "auto", prefetcher: TilePrefetcher | None = None,
-                  stats: PipelineStats | None = None, nice: int = 0) -> tuple[np.ndarray, dict]:
+                  stats: PipelineStats | None = None, nice: int = 0, decode=None) -> tuple[np.ndarray, dict]:
     """Score every tile of `grid`; returns (probabilities [N, C] float32 in grid order, stage seconds).
 
     `prefetcher`: a TilePrefetcher already started on this slide and grid (see prefetch.py); it is
-    closed on return. `locality`: read plan, see locality.py. `nice`: lower the reader threads'
+    closed on return. `locality`: read plan, see locality.py. `decode`: a slide.decoding.DecodeRequest
+    for the raw-tile path (None: the slide reader decodes). `nice`: lower the reader threads'
     priority (Linux) so decoding yields the cores to the backbone on a small CPU.
     """
     t_start = time.perf_counter()
@@ -86,7 +88,8 @@ def run_streaming(slide, grid: TileGrid, model: ModelStage, *, batch_size: int,
     on_gpu = device.type == "cuda"
     if prefetcher is None:
         prefetcher = TilePrefetcher(slide, grid, batch_size=batch_size, num_workers=num_workers,
-                                    prefetch=prefetch, locality=locality, pin_memory=on_gpu, nice=nice)
+                                    prefetch=prefetch, locality=locality, pin_memory=on_gpu, nice=nice,
+                                    decode=decode, device=device)
     elif prefetcher.slide is not slide or prefetcher.grid is not grid or prefetcher.batch_size != batch_size:
         prefetcher.close()
         raise ValueError("prefetcher was made for another slide, grid or batch size")
@@ -140,19 +143,28 @@ def _upload(prefetcher: TilePrefetcher, model: ModelStage, device: torch.device,
         with torch.inference_mode(), torch.cuda.device(device), torch.cuda.stream(copy_stream):
             for batch in prefetcher:
                 t = time.perf_counter()
-                copied = None
+                copied = ready = None
+                on_device = batch.tiles.is_cuda
                 try:
-                    tiles = batch.tiles.to(device, non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(copy_stream)
+                    if on_device:
+                        # Decoded on the GPU (raw path): preprocess reads the decoder's batch
+                        # buffer in place, once the reader's stream has written it.
+                        copy_stream.wait_event(batch.ready)
+                        tiles = batch.tiles
+                    else:
+                        tiles = batch.tiles.to(device, non_blocking=True)
+                        copied = torch.cuda.Event()
+                        copied.record(copy_stream)
                     images = model.preprocess(tiles)
                     ready = torch.cuda.Event()
                     ready.record(copy_stream)
                 finally:
-                    # The pinned buffer goes back to the reader only once the copy out of it has
-                    # run, also when preprocessing failed (the reader would refill it mid-copy).
-                    if copied is not None:
-                        copied.synchronize()
+                    # The buffer goes back to the reader only once what reads it has run (the
+                    # copy out of a pinned buffer; preprocessing of a device buffer), also when
+                    # preprocessing failed (the reader would refill it mid-read).
+                    done = ready if on_device else copied
+                    if done is not None:
+                        done.synchronize()
                     else:
                         copy_stream.synchronize()
                     batch.release()
@@ -232,12 +244,21 @@ def _run_gpu(prefetcher: TilePrefetcher, model: ModelStage, device: torch.device
     return out
 
 
+def decoder_record(prefetcher: TilePrefetcher) -> dict:
+    """What decoded the tiles and why, for the summary's `reader`."""
+    if prefetcher.decode is not None:
+        return prefetcher.decode.to_dict()
+    reader = prefetcher.slide.info.reader
+    return {"decoder": reader, "why": "tiles read through the slide reader", "test_tile": None}
+
+
 def _fill_stats(stats: PipelineStats, prefetcher: TilePrefetcher, device_queue, tiles: int, batches: int,
                 wall: float, done_at: list[float]) -> None:
     counters = prefetcher.counters
     ps = prefetcher.stats
     stats.tiles, stats.batches, stats.wall_s = tiles, batches, wall
     stats.read_plan = prefetcher.plan.to_dict()
+    stats.decoder = decoder_record(prefetcher)
     stats.decoded_px, stats.needed_px = counters.decoded_px, counters.needed_px
     stats.decode_ratio = counters.decode_ratio
     stats.decoded_is_estimate = counters.decoded_is_estimate

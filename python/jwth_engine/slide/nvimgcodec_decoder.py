@@ -1,0 +1,283 @@
+"""Batch decoding of stored slide tiles with nvImageCodec, on the GPU or on its CPU backend.
+
+`TileDecoder.decode(indices)` reads the compressed tiles (raw_tiles.py) and decodes them in one
+`Decoder.decode` call. On the CPU backend (libjpeg-turbo for JPEG, OpenJPEG through OpenCV for
+JPEG 2000) the results are numpy views of host buffers; on the GPU (nvJPEG's hardware decoder where
+the GPU has one, its CUDA decoder otherwise; nvJPEG2000 for JPEG 2000) they are torch tensors
+taken over from the decoder's device buffers through DLPack, without a copy, ordered on the
+caller's CUDA stream (the decoder runs on that stream, and `torch.from_dlpack` on the same current
+stream needs no extra synchronisation). Either way one tile is [tile_h, tile_w, 3] uint8 RGB with
+the part outside the level painted white, as `Slide.read_region` pads.
+
+Colour, decided by the TIFF directory and not by markers inside the stream:
+* JPEG, photometric RGB (Aperio): the stream's three components are R, G, B, but a JPEG decoder
+  would treat them as YCbCr. Asking nvImageCodec for SYCC output returns the components as
+  stored (no colour transform): checked equal to OpenSlide's pixels on CMU-1-Small-Region.
+* JPEG, photometric YCbCr: decoded to sRGB by the decoder, with libjpeg's default (fancy)
+  chroma upsampling, which is what OpenSlide and cuCIM get from libjpeg.
+* JPEG 2000, Aperio 33005 / TIFF 34712: decoded to sRGB (the codestream's own MCT, if any, is
+  undone by the decoder). Aperio 33003 stores Y, Cb, Cr without MCT: decoded unchanged and
+  converted here with the JFIF (BT.601 full-range) equations OpenSlide uses.
+
+Decoders are pooled per process (creating one loads codec extensions) and each is used by one
+thread at a time. nvImageCodec logs to stderr through its own messenger and OpenCV's; both are
+turned down unless the user set their variables, because every failure is detected on the result
+(a None image, a wrong shape) and reported as one line naming the tile.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BackendUnavailable, SlideError
+from .base import WHITE
+from .raw_tiles import RawLevel, RawTileSource, tile_stream
+
+INSTALL_HINT = ("pip install 'jwth-engine[cu13]' (nvidia-nvimgcodec-cu13 with its nvjpeg and nvjpeg2k extras; "
+                "'[cu12]' for a CUDA 12 driver)")
+BACKENDS = ("cpu", "gpu")
+# Where a stream must end. A tile cut short (a truncated write, a damaged copy) loses its end
+# marker; libjpeg would pad it with grey and only warn, so this is checked before decoding.
+_END_MARKER = b"\xff\xd9"       # JPEG EOI and JPEG 2000 EOC share the code
+_END_SEARCH = 32                # encoders may pad a few bytes after the marker
+
+_import_lock = threading.Lock()
+_module = None
+
+
+def import_nvimgcodec():
+    """The nvidia.nvimgcodec module, or BackendUnavailable saying what to install."""
+    global _module
+    with _import_lock:
+        if _module is None:
+            os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+            os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+            try:
+                from nvidia import nvimgcodec
+            except ImportError as exc:
+                raise BackendUnavailable(f"nvImageCodec is not installed ({exc}); {INSTALL_HINT}") from exc
+            except OSError as exc:
+                raise BackendUnavailable(f"nvImageCodec cannot load its native library ({exc}); {INSTALL_HINT}") from exc
+            _module = nvimgcodec
+        return _module
+
+
+def nvimgcodec_version() -> str | None:
+    try:
+        return str(getattr(import_nvimgcodec(), "__version__", "installed"))
+    except BackendUnavailable:
+        return None
+
+
+@dataclass(frozen=True)
+class _Key:
+    backend: str
+    device_id: int
+    threads: int
+
+
+class _DecoderPool:
+    """nvImageCodec decoders, one user at a time each, kept for reuse across slides."""
+
+    def __init__(self):
+        self._free: dict[_Key, list] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: _Key):
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        return _make_decoder(key)
+
+    def release(self, key: _Key, decoder) -> None:
+        with self._lock:
+            self._free.setdefault(key, []).append(decoder)
+
+
+def _make_decoder(key: _Key):
+    n = import_nvimgcodec()
+    if key.backend == "cpu":
+        device_id = n.NVIMGCODEC_DEVICE_CPU_ONLY
+        backends = [n.Backend(n.BackendKind.CPU_ONLY)]
+    else:
+        device_id = key.device_id
+        # Order is preference: the hardware JPEG engine (A100, H100, ...), then CUDA decoders.
+        # No CPU backend: its output would land in host memory.
+        backends = [n.Backend(n.BackendKind.HW_GPU_ONLY), n.Backend(n.BackendKind.GPU_ONLY),
+                    n.Backend(n.BackendKind.HYBRID_CPU_GPU)]
+    try:
+        # options="": libjpeg's defaults (fancy upsampling on), as OpenSlide and cuCIM decode.
+        return n.Decoder(device_id=device_id, max_num_cpu_threads=key.threads, backends=backends, options="")
+    except (RuntimeError, ValueError) as exc:
+        raise BackendUnavailable(f"nvImageCodec cannot create a {key.backend.upper()} decoder ({exc}); "
+                                 f"{INSTALL_HINT}") from exc
+
+
+_pool = _DecoderPool()
+
+
+def gpu_decode_available() -> tuple[bool, str]:
+    """(available, why not) for `--decode gpu`: nvImageCodec, a CUDA device, nvJPEG."""
+    try:
+        import_nvimgcodec()
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible to torch"
+    return True, ""
+
+
+def cpu_decode_available() -> tuple[bool, str]:
+    try:
+        import_nvimgcodec()
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    return True, ""
+
+
+class TileDecoder:
+    """Decodes stored tiles of one level. Not thread-safe: one reader thread drives it.
+
+    `backend` "cpu" returns numpy arrays; "gpu" returns torch uint8 tensors on `device`, produced
+    on `stream` (a torch.cuda.Stream; the caller's current stream when None).
+    """
+
+    def __init__(self, source: RawTileSource, raw: RawLevel, *, backend: str, device=None, stream=None,
+                 num_threads: int = 0):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.source, self.raw, self.backend = source, raw, backend
+        self.device = device
+        self.stream = stream
+        n = import_nvimgcodec()
+        device_id = 0
+        if backend == "gpu":
+            import torch
+
+            self.device = torch.device(device if device is not None else "cuda")
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._key = _Key(backend, device_id, max(0, int(num_threads)))
+        self._decoder = _pool.acquire(self._key)
+        spec = n.ColorSpec.SYCC if raw.colour == "rgb" and raw.codec == "jpeg" else (
+            n.ColorSpec.UNCHANGED if raw.colour == "ycbcr-raw" else n.ColorSpec.SRGB)
+        self._params = n.DecodeParams(color_spec=spec, apply_exif_orientation=False)
+        self._n = n
+        self.tiles_decoded = 0
+
+    @property
+    def name(self) -> str:
+        return f"nvimgcodec-{self.backend}"
+
+    def decode(self, indices) -> list:
+        """Tiles `indices` of the level, in that order. Raises SlideError naming a bad tile."""
+        indices = [int(i) for i in indices]
+        raw = self.raw
+        datas = self.source.read(raw, indices)
+        streams, where = [], []
+        out: list = [None] * len(indices)
+        for k, (index, data) in enumerate(zip(indices, datas)):
+            if not data:
+                out[k] = self._white()     # not stored (sparse slide): background
+                continue
+            if _END_MARKER not in data[-_END_SEARCH:]:
+                raise self._tile_error(index, "is truncated (its data has no end-of-image marker)")
+            streams.append(self._n.CodeStream(tile_stream(raw, data)))
+            where.append(k)
+        if streams:
+            images = self._run(streams)
+            for k, image in zip(where, images):
+                out[k] = self._finish(indices[k], image)
+        self.tiles_decoded += len(streams)
+        return out
+
+    def _run(self, streams: list) -> list:
+        cuda_stream = 0
+        if self.backend == "gpu":
+            import torch
+
+            stream = self.stream or torch.cuda.current_stream(self.device)
+            cuda_stream = stream.cuda_stream
+        try:
+            images = self._decoder.decode(streams, params=self._params, cuda_stream=cuda_stream)
+        except (RuntimeError, ValueError) as exc:
+            raise SlideError(self.source.path, f"nvImageCodec failed on a batch of {len(streams)} stored tiles "
+                                               f"of level {self.raw.level}: {exc}") from exc
+        if len(images) != len(streams):
+            raise SlideError(self.source.path, f"nvImageCodec returned {len(images)} of {len(streams)} tiles")
+        return images
+
+    def _finish(self, index: int, image):
+        raw = self.raw
+        if image is None:
+            raise self._tile_error(index, "cannot be decoded (corrupt data)")
+        if self.backend == "gpu":
+            import torch
+
+            with torch.cuda.stream(self.stream) if self.stream is not None else _null():
+                tile = torch.from_dlpack(image)
+        else:
+            tile = np.asarray(image)
+        if tuple(tile.shape) != (raw.tile_h, raw.tile_w, 3):
+            raise self._tile_error(index, f"decoded to {tuple(tile.shape)}, not {(raw.tile_h, raw.tile_w, 3)}")
+        if raw.colour == "ycbcr-raw":
+            tile = ycbcr_to_rgb(tile)
+        col, row = raw.position(index)
+        w_in = raw.width - col * raw.tile_w
+        h_in = raw.height - row * raw.tile_h
+        if w_in < raw.tile_w:
+            tile[:, w_in:] = WHITE      # stored edge tiles are padded with whatever the scanner wrote
+        if h_in < raw.tile_h:
+            tile[h_in:, :] = WHITE
+        return tile
+
+    def _white(self):
+        shape = (self.raw.tile_h, self.raw.tile_w, 3)
+        if self.backend == "gpu":
+            import torch
+
+            return torch.full(shape, WHITE, dtype=torch.uint8, device=self.device)
+        return np.full(shape, WHITE, np.uint8)
+
+    def _tile_error(self, index: int, problem: str) -> SlideError:
+        col, row = self.raw.position(index)
+        raw = self.raw
+        return SlideError(self.source.path, f"stored tile (col {col}, row {row}) of level {raw.level} "
+                                            f"(level pixels x {col * raw.tile_w}, y {row * raw.tile_h}) {problem}")
+
+    def close(self, *, keep_source: bool = False) -> None:
+        """Return the decoder to the pool and (unless `keep_source`) close the file. Idempotent."""
+        if self._decoder is not None:
+            decoder, self._decoder = self._decoder, None
+            _pool.release(self._key, decoder)
+        if not keep_source:
+            self.source.close()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def ycbcr_to_rgb(tile):
+    """JFIF YCbCr -> RGB (uint8, rounded, clamped), numpy on the CPU or torch on the tile's device."""
+    if isinstance(tile, np.ndarray):
+        ycc = tile.astype(np.float32)
+        y, cb, cr = ycc[..., 0], ycc[..., 1] - 128.0, ycc[..., 2] - 128.0
+        rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    import torch
+
+    ycc = tile.float()
+    y, cb, cr = ycc[..., 0], ycc[..., 1] - 128.0, ycc[..., 2] - 128.0
+    rgb = torch.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], dim=-1)
+    return rgb.round_().clamp_(0, 255).to(torch.uint8)
