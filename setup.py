@@ -148,8 +148,10 @@ setup(
         "pillow",
     ],
     extras_require={
-        "cu12": ["cucim-cu12"],
-        "cu13": ["cucim-cu13"],
+        # nvImageCodec decodes stored slide tiles (--decode gpu|cpu); its extras bring nvJPEG,
+        # nvJPEG2000 and nvTIFF, which it loads at start-up (and complains about when missing).
+        "cu12": ["cucim-cu12", "nvidia-nvimgcodec-cu12[all]>=0.9"],
+        "cu13": ["cucim-cu13", "nvidia-nvimgcodec-cu13[all]>=0.9"],
         "test": ["pytest", "pytest-timeout", "ray[default]>=2.9"],
         "distributed": ["ray[default]>=2.9"],
         # Some TensorRT wheels live only on NVIDIA's own package index; if pip cannot resolve this

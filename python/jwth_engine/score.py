@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .slide.decoding import reader_for
 from .scorer import (DEFAULT_CLASSES, DEFAULT_PRESET, ScoreResult, SlideScorer, check_options, check_out_dir,
                      open_for_scoring, output_paths)
 
@@ -40,6 +41,7 @@ def score_slide(
     top_k: int = 16,
     num_workers: int = 2,
     reader: str = "auto",
+    decode: str = "auto",
     seed: int = 0,
     compile: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -53,13 +55,14 @@ def score_slide(
     check_options(batch_size=batch_size, min_tissue=min_tissue, top_k=top_k)
     out_dir = check_out_dir(out)
     t_open = time.perf_counter()
-    opened = open_for_scoring(path, reader=reader, mpp=mpp)
+    opened = open_for_scoring(path, reader=reader_for(decode, reader), mpp=mpp)
     t_open = time.perf_counter() - t_open
     try:
         scorer = SlideScorer(model=model, weights=weights, head=head, pooling=pooling, device=device,
                              backend=backend, precision=precision, batch_size=batch_size, mpp=mpp,
                              tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue, top_k=top_k,
-                             num_workers=num_workers, reader=reader, seed=seed, compile=compile)
+                             num_workers=num_workers, reader=reader, decode=decode, seed=seed,
+                             compile=compile)
         prepared = scorer.prepare(path, mpp, opened=opened)
         prepared.timings["open"] = t_open    # opened before the model was loaded, to fail fast
     except BaseException:

@@ -180,13 +180,18 @@ class SlideScorer:
 
     def __init__(self, *, model=None, weights=None, head=None, pooling=None, device="auto", backend="auto",
                  precision="auto", batch_size=32, mpp=None, tile_size=None, target_mpp=None, min_tissue=0.25,
-                 top_k=16, num_workers=2, reader="auto", seed=0, compile=None):
+                 top_k=16, num_workers=2, reader="auto", decode="auto", seed=0, compile=None):
+        from .slide.decoding import reader_for, resolve_decode
+
         check_options(batch_size=batch_size, min_tissue=min_tissue, top_k=top_k)
+        reader = reader_for(decode, reader)
         self.model = load_scoring_model(model=model, weights=weights, head=head, pooling=pooling, device=device,
                                         backend=backend, precision=precision, batch_size=batch_size,
                                         tile_size=tile_size, target_mpp=target_mpp, seed=seed, compile=compile)
         self.batch_size, self.min_tissue, self.top_k = batch_size, min_tissue, top_k
         self.num_workers, self.reader, self.mpp = num_workers, reader, mpp
+        self.decode = decode
+        self.decode_request = resolve_decode(decode, self.model.backend.device)
         self._load_charged = False
 
     @property
@@ -216,7 +221,8 @@ class SlideScorer:
             prefetcher = None
             if len(grid.coords):
                 prefetcher = TilePrefetcher(slide, grid, batch_size=self.batch_size, num_workers=self.num_workers,
-                                            pin_memory=self.device.type == "cuda").start()
+                                            pin_memory=self.device.type == "cuda", decode=self.decode_request,
+                                            device=self.device).start()
         except BaseException:
             slide.close()
             raise
@@ -292,7 +298,11 @@ class SlideScorer:
                      "kernel": getattr(model.head_runner, "kernel_name", type(model.head_runner).__name__)},
             "backend": model.backend.describe(),
             "settings": {"batch_size": self.batch_size, "num_workers": self.num_workers, "top_k": self.top_k,
-                         "device": str(self.device), "reader": slide_info.get("reader")},
+                         "device": str(self.device), "reader": slide_info.get("reader"), "decode": self.decode},
+            # Who read the slide, who decoded the tiles the model saw, and why each.
+            "reader": {"slide_reader": slide_info.get("reader"), "slide_reader_why": slide_info.get("reader_note"),
+                       **(stats.decoder if total else {"decoder": None, "why": "no tiles to decode",
+                                                       "test_tile": None})},
             "pipeline": stats.to_dict() if total else None,
             "notes": list(model.notes),
             "versions": package_versions(),

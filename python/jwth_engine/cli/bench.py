@@ -31,7 +31,7 @@ from .options import model_options, tiling_options
               help="Also run the sequential reference once and compare scores.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights/heads.")
 def bench(slide, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
-          num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, json_path, repeats, prefetch,
+          num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, decode, json_path, repeats, prefetch,
           locality, nice, baseline, sequential, seed):
     """Benchmark scoring SLIDE: decode, preprocess, backbone and head alone, then end to end.
 
@@ -49,7 +49,7 @@ def bench(slide, model, weights, head, pooling, device, backend, precision, no_c
 
     result = bench_slide(
         slide, model=model, weights=weights, head=head, pooling=pooling, backend=backend, device=device,
-        precision=precision, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch, reader=reader,
+        precision=precision, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch, reader=reader, decode=decode,
         mpp=mpp, tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue, repeats=repeats,
         locality=locality, compile=False if no_compile else None, seed=seed, baseline=baseline,
         sequential=sequential, nice=nice, log=log,

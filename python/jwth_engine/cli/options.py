@@ -52,6 +52,10 @@ def tiling_options(func):
                      help="Slide score also reports the mean of the k highest tile probabilities."),
         click.option("--reader", type=click.Choice(["auto", "cucim", "openslide"]), default="auto",
                      show_default=True),
+        click.option("--decode", type=click.Choice(["auto", "gpu", "cpu", "cucim", "openslide"]), default="auto",
+                     show_default=True,
+                     help="Tile decoder: gpu/cpu = stored tiles batch-decoded by nvImageCodec; cucim/openslide = "
+                          "that reader; auto = gpu with a GPU model, else cpu, else the reader."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)

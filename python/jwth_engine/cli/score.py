@@ -20,7 +20,7 @@ from .options import model_options, tiling_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights/heads.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def score(slide, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
-          num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, out, print_json, seed,
+          num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, decode, out, print_json, seed,
           progress):
     """Score SLIDE: tissue detection, tiling, backbone, head; writes SLIDE.tiles.parquet and
     SLIDE.summary.json into --out."""
@@ -33,7 +33,7 @@ def score(slide, model, weights, head, pooling, device, backend, precision, no_c
             slide, model=model, weights=weights, head=head, pooling=pooling, out=out, device=device,
             backend=backend, precision=precision, batch_size=batch_size, mpp=mpp, tile_size=tile_size,
             target_mpp=target_mpp, min_tissue=min_tissue, top_k=top_k, num_workers=num_workers,
-            reader=reader, seed=seed, compile=False if no_compile else None,
+            reader=reader, decode=decode, seed=seed, compile=False if no_compile else None,
             progress=bar.update if bar else None,
         )
     finally:

@@ -63,7 +63,7 @@ def _parse_gpus(value: str | None) -> list[int] | None:
               help="CPUs each Ray actor reserves (and torch threads it uses, on CPU).")
 @click.option("--progress/--no-progress", default=None, help="Live display on stderr (default: on a terminal).")
 def screen(source, out, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
-           num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, seed, gpus, jobs,
+           num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, decode, seed, gpus, jobs,
            slide_timeout, retry_failed, reconfigure, ray_address, ray_cpus_per_job, progress):
     """Score every slide of SOURCE (a folder, searched recursively, or a manifest CSV with a `path`
     column and optional `slide_id`, `mpp` and extra columns) into --out.
@@ -79,7 +79,7 @@ def screen(source, out, model, weights, head, pooling, device, backend, precisio
         model=absolute(model) if model and model.endswith(".json") and os.path.isfile(model) else model,
         weights=absolute(weights), head=absolute(head), pooling=pooling, device=device, backend=backend,
         precision=precision, batch_size=batch_size, mpp=mpp, tile_size=tile_size, target_mpp=target_mpp,
-        min_tissue=min_tissue, top_k=top_k, num_workers=num_workers, reader=reader, seed=seed,
+        min_tissue=min_tissue, top_k=top_k, num_workers=num_workers, reader=reader, decode=decode, seed=seed,
         compile=False if no_compile else None,
     )
     try:

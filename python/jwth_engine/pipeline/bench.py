@@ -179,14 +179,18 @@ def _summary(rates: list[float]) -> dict:
 
 # --- the stages, alone ----------------------------------------------------------------------------
 
-def time_decode(slide, grid, *, batch_size: int, num_workers: int, prefetch: int, locality: str) -> tuple[float, object]:
-    """One pass of the reader alone; (seconds, ReadCounters)."""
+def time_decode(slide, grid, *, batch_size: int, num_workers: int, prefetch: int, locality: str,
+                decode=None, device=None) -> tuple[float, object]:
+    """One pass of the reader alone; (seconds, ReadCounters). `decode`: a DecodeRequest for the
+    raw-tile path (its open-time test tile is not timed)."""
     prefetcher = TilePrefetcher(slide, grid, batch_size=batch_size, num_workers=num_workers,
-                                prefetch=prefetch, locality=locality)
+                                prefetch=prefetch, locality=locality, decode=decode, device=device)
     t = time.perf_counter()
     with prefetcher:
         for batch in prefetcher:
             batch.release()
+    if prefetcher.reader.plan.mode == "raw-tiles" and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t, prefetcher.counters
 
 
@@ -252,7 +256,8 @@ def time_backbone_pass(stage: ModelStage, images: torch.Tensor, sizes: list[int]
 def bench_slide(path: str, *, model: str | None = None, weights: str | None = None, head: str | None = None,
                 pooling: str | None = None, backend: str = "auto", device: str = "auto",
                 precision: str = "auto", batch_size: int = 32, num_workers: int = 2, prefetch: int = 2,
-                reader: str = "auto", mpp: float | None = None, tile_size: int | None = None,
+                reader: str = "auto", decode: str = "auto", mpp: float | None = None,
+                tile_size: int | None = None,
                 target_mpp: float | None = None, min_tissue: float = 0.25,
                 repeats: int = 3, locality: str = "auto", compile: bool | None = None, seed: int = 0,
                 baseline: bool = True, sequential: bool = True, nice: int = 0,
@@ -261,6 +266,7 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
     from ..errors import ConfigError
     from ..scorer import load_scoring_model
     from ..slide import open_slide, resolve_mpp
+    from ..slide.decoding import reader_for, resolve_decode
     from ..tiling import plan_tiles
     from ..tissue import detect_tissue
 
@@ -273,7 +279,7 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
     mem = PeakMemory()
     with mem:
         t0 = time.perf_counter()
-        slide = open_slide(path, reader=reader)
+        slide = open_slide(path, reader=reader_for(decode, reader))
         try:
             slide_mpp = resolve_mpp(slide.info, mpp)
             t_open = time.perf_counter() - t0
@@ -284,6 +290,7 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
                                         announce=log)
             stage = loaded.stage()
             dev = stage.backend.device
+            request = resolve_decode(decode, dev)
             t = time.perf_counter()
             tissue = detect_tissue(slide, mpp=slide_mpp)
             t_tissue = time.perf_counter() - t
@@ -298,7 +305,7 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
             result["config"] = {
                 "model": loaded.preset.name, "backend": stage.backend.describe(), "device": str(dev),
                 "batch_size": batch_size, "num_workers": num_workers, "prefetch": prefetch,
-                "locality": locality, "repeats": repeats, "reader": slide.info.reader,
+                "locality": locality, "repeats": repeats, "reader": slide.info.reader, "decode": decode,
                 "pooling": loaded.head.meta.pooling, "nice": nice,
                 "cucim_cache_mb": os.environ.get("JWTH_CUCIM_CACHE_MB", "reader default"),
                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active spinning)"),
@@ -312,7 +319,7 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
             log(f"{n} tiles in {len(sizes)} batches of up to {batch_size}")
 
             result["decode"] = _bench_decode(slide, grid, path, batch_size, num_workers, prefetch, locality,
-                                             repeats, baseline, log)
+                                             repeats, baseline, log, request, dev)
 
             # One real batch of tiles feeds the isolated model stages.
             first = np.empty((sizes[0], grid.read_size, grid.read_size, 3), np.uint8)
@@ -324,7 +331,7 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
 
             log("backbone alone and end to end, interleaved")
             result.update(_bench_model_and_e2e(slide, grid, stage, images, sizes, batch_size, num_workers,
-                                               prefetch, locality, repeats, nice, log))
+                                               prefetch, locality, repeats, nice, log, request))
             e2e_wall = statistics.median(result["end_to_end"]["wall_s"])
             result["end_to_end"]["slides_per_hour"] = round(3600.0 / (t_open + t_tissue + t_plan + e2e_wall), 2)
             if sequential:
@@ -356,12 +363,17 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
     return result
 
 
-def _bench_decode(slide, grid, path, batch_size, num_workers, prefetch, locality, repeats, baseline, log) -> dict:
+def _bench_decode(slide, grid, path, batch_size, num_workers, prefetch, locality, repeats, baseline, log,
+                  request=None, device=None) -> dict:
     """Reader alone (read plan, then one region per tile) and the OpenSlide baseline, interleaved
     pass by pass so that load from other processes hits them alike; the speedup is the median of
-    the per-repeat ratios."""
+    the per-repeat ratios. "pipeline" is what `score --decode` would use (the raw-tile path when
+    it applies); with the raw path, the slide reader's stored-tile read is timed too
+    ("reader_stored_tiles")."""
     n = len(grid.coords)
-    modes = [("pipeline", locality)] + ([] if locality == "off" else [("per_tile_regions", "off")])
+    raw = request is not None and request.backend is not None
+    modes = ([("pipeline", locality, request)] + ([("reader_stored_tiles", locality, None)] if raw else [])
+             + ([] if locality == "off" else [("per_tile_regions", "off", None)]))
     rates: dict = {name: [] for name, _ in modes}
     counters: dict = {}
     factory = level = None
@@ -373,21 +385,24 @@ def _bench_decode(slide, grid, path, batch_size, num_workers, prefetch, locality
         rates["openslide"] = []
     log("decode alone (pipeline reader, one region per tile, OpenSlide one thread), interleaved")
     # Warm-up pass of each (first use starts decode threads, maps the file, faults in buffers).
-    for _, mode in modes:
-        time_decode(slide, grid, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch, locality=mode)
+    for _, mode, req in modes:
+        time_decode(slide, grid, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch, locality=mode,
+                    decode=req, device=device)
     if factory is not None:
         time_openslide(factory, level, grid.coords[:batch_size], grid.read_size)
     for _ in range(repeats):
-        for name, mode in modes:
+        for name, mode, req in modes:
             seconds, counters[name] = time_decode(slide, grid, batch_size=batch_size, num_workers=num_workers,
-                                                  prefetch=prefetch, locality=mode)
+                                                  prefetch=prefetch, locality=mode, decode=req, device=device)
             rates[name].append(_rate(n, seconds))
         if factory is not None:
             rates["openslide"].append(_rate(n, time_openslide(factory, level, grid.coords, grid.read_size)))
     out: dict = {}
-    for name, mode in modes:
+    for name, mode, req in modes:
         ratio = counters[name].decode_ratio
-        out[name] = {**_summary(rates[name]), "read_plan": GridReader(slide, grid, locality=mode).plan.to_dict(),
+        plan = (_raw_plan(slide, grid, req, device) if req is not None and req.backend is not None
+                else GridReader(slide, grid, locality=mode).plan.to_dict())
+        out[name] = {**_summary(rates[name]), "read_plan": plan,
                      "decoded_to_needed_px": round(ratio, 4) if ratio is not None else None,
                      "decoded_is_estimate": counters[name].decoded_is_estimate,
                      "regions_per_pass": counters[name].regions, "max_units_held": counters[name].max_units_held}
@@ -400,6 +415,14 @@ def _bench_decode(slide, grid, path, batch_size, num_workers, prefetch, locality
         out["speedup_vs_openslide"] = round(statistics.median(ratios), 3)
         out["speedup_passes"] = [round(r, 3) for r in ratios]
     return out
+
+
+def _raw_plan(slide, grid, request, device) -> dict:
+    prefetcher = TilePrefetcher(slide, grid, batch_size=1, decode=request, device=device)
+    try:
+        return {**prefetcher.plan.to_dict(), "decoder": prefetcher.decode.to_dict()}
+    finally:
+        prefetcher.close()
 
 
 def _bench_preprocess(stage: ModelStage, tiles: np.ndarray, repeats: int) -> dict:
@@ -422,7 +445,7 @@ def _bench_head(stage: ModelStage, tokens: torch.Tensor, repeats: int) -> dict:
 
 
 def _bench_model_and_e2e(slide, grid, stage, images, sizes, batch_size, num_workers, prefetch, locality,
-                         repeats, nice, log) -> dict:
+                         repeats, nice, log, request=None) -> dict:
     n = len(grid.coords)
     device = stage.backend.device
     # Warm-up: first calls allocate, pick kernels, compile.
@@ -430,7 +453,7 @@ def _bench_model_and_e2e(slide, grid, stage, images, sizes, batch_size, num_work
         stage.embed(images[:size])
     synchronize(device)
     run_streaming(slide, grid, stage, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch,
-                  locality=locality, nice=nice)
+                  locality=locality, nice=nice, decode=request)
     bb_rates, bb_lat, e2e_rates, e2e_walls, e2e_lat, ratios = [], [], [], [], [], []
     stats = probs = seconds = None
 
@@ -444,7 +467,8 @@ def _bench_model_and_e2e(slide, grid, stage, images, sizes, batch_size, num_work
         stats = PipelineStats()
         t = time.perf_counter()
         probs, seconds = run_streaming(slide, grid, stage, batch_size=batch_size, num_workers=num_workers,
-                                       prefetch=prefetch, locality=locality, stats=stats, nice=nice)
+                                       prefetch=prefetch, locality=locality, stats=stats, nice=nice,
+                                       decode=request)
         wall = time.perf_counter() - t
         e2e_walls.append(wall)
         e2e_rates.append(_rate(n, wall))
@@ -492,6 +516,7 @@ def format_table(result: dict) -> list[str]:
                      f"{p99 if p99 is not None else '':>9}")
 
     row("decode (pipeline)", dec["pipeline"])
+    row("decode (reader)", dec.get("reader_stored_tiles"))
     row("decode (per tile)", dec.get("per_tile_regions"))
     row("openslide 1 thread", dec.get("openslide"))
     row("preprocess", result["preprocess"])

@@ -37,6 +37,7 @@ class ScreenOptions:
     top_k: int = 16
     num_workers: int = 2
     reader: str = "auto"
+    decode: str = "auto"
     seed: int = 0
     compile: bool | None = None
 
