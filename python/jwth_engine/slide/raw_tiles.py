@@ -77,7 +77,9 @@ def _describe(page) -> str:
 def raw_level_from_page(level: int, page) -> RawLevel:
     """Check one tifffile page and describe its tile grid; RawLevelUnavailable says why not."""
     where = _describe(page)
-    if not page.is_tiled:
+    # tifffile presents an NDPI level's JPEG restart intervals as "tiles"; they are not
+    # standalone streams. Only directories with a real TileWidth tag (322) are tiled.
+    if not page.is_tiled or page.tags.get(322) is None:
         raise RawLevelUnavailable(f"{where} is stored in strips, not tiles")
     compression = int(page.compression)
     photometric = int(page.photometric)
@@ -152,8 +154,7 @@ class RawTileSource:
             with tifffile.TiffFile(path) as tif:
                 pages = _candidate_pages(tif)
                 for level, (w, h) in enumerate(level_dimensions):
-                    match = [p for p in pages if int(p.imagewidth) == int(w) and int(p.imagelength) == int(h)
-                             and p.is_tiled]
+                    match = [p for p in pages if int(p.imagewidth) == int(w) and int(p.imagelength) == int(h)]
                     if not match:
                         self._why_not[level] = (f"no tiled TIFF directory of {w}x{h} px for level {level} "
                                                 "(the reader synthesises it)")

@@ -1,0 +1,388 @@
+"""The raw-tile decode path (slide/raw_tiles.py, slide/nvimgcodec_decoder.py, slide/decoding.py).
+
+Every stored tile decoded from its raw bytes is compared with an independent decoder's pixels:
+OpenSlide's (libjpeg-turbo / OpenJPEG inside OpenSlide), and for levels OpenSlide renders at
+sub-pixel offsets, OpenJPEG through imagecodecs on the same bytes. Measured tolerances, stated:
+JPEG on nvImageCodec's CPU backend is bit-exact; JPEG 2000 on it is bit-exact against OpenSlide
+and imagecodecs and within 1 level of cuCIM.
+
+GPU tests run wherever torch sees a CUDA device and skip, at run time, elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import struct
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from jwth_engine.errors import BackendUnavailable, ConfigError, SlideError
+from jwth_engine.pipeline import TilePrefetcher
+from jwth_engine.pipeline.locality import GridReader, iter_batches
+from jwth_engine.slide import open_slide
+from jwth_engine.slide.decoding import DecodeRequest, choose_decoder, reader_for, resolve_decode
+from jwth_engine.slide.nvimgcodec_decoder import TileDecoder, ycbcr_to_rgb
+from jwth_engine.slide.raw_tiles import RawLevelUnavailable, RawTileSource
+from jwth_engine.tiling import plan_tiles
+from jwth_engine.tissue import detect_tissue
+
+openslide = pytest.importorskip("openslide")
+CPU = DecodeRequest("cpu", "test")
+
+
+def _gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _openslide_tile(reference, raw, index):
+    """OpenSlide's pixels of a stored tile's area, cut to the level (edge tiles are smaller)."""
+    col, row = raw.position(index)
+    w = min(raw.tile_w, raw.width - col * raw.tile_w)
+    h = min(raw.tile_h, raw.height - row * raw.tile_h)
+    ds = reference.level_downsamples[raw.level]
+    region = np.asarray(reference.read_region((round(col * raw.tile_w * ds), round(row * raw.tile_h * ds)),
+                                              raw.level, (w, h)))
+    return region[..., :3], w, h
+
+
+def _all_tiles(path, level):
+    reference = openslide.OpenSlide(str(path))
+    source = RawTileSource(str(path), reference.level_dimensions)
+    raw = source.level(level)
+    decoder = TileDecoder(source, raw, backend="cpu")
+    tiles = decoder.decode(range(raw.tiles_across * raw.tiles_down))
+    return reference, raw, decoder, tiles
+
+
+@pytest.mark.parametrize("name", ["cmu_small", "tiny_svs"])
+def test_jpeg_tiles_equal_openslide_exactly(request, name):
+    """Aperio JPEG (RGB components): every stored tile, edges included, bit-exact; outside the level white."""
+    reference, raw, decoder, tiles = _all_tiles(request.getfixturevalue(name), 0)
+    try:
+        assert raw.codec == "jpeg" and raw.colour == "rgb" and len(tiles) == raw.tiles_across * raw.tiles_down
+        for index, tile in enumerate(tiles):
+            theirs, w, h = _openslide_tile(reference, raw, index)
+            assert tile.shape == (raw.tile_h, raw.tile_w, 3)
+            np.testing.assert_array_equal(tile[:h, :w], theirs, err_msg=f"tile {raw.position(index)}")
+            assert (tile[h:] == 255).all() and (tile[:, w:] == 255).all()
+    finally:
+        decoder.close()
+        reference.close()
+
+
+def test_jpeg2000_tiles_within_measured_tolerance(tcga_jp2k):
+    """Aperio JPEG 2000, both levels. Level 0 against OpenSlide; level 1 (downsample 2.0005,
+    which OpenSlide renders at sub-pixel offsets) against OpenJPEG on the same bytes."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    reference, raw, decoder, tiles = _all_tiles(tcga_jp2k, 0)
+    try:
+        assert raw.codec == "jpeg2000"
+        worst = max(int(np.abs(tile[:h, :w].astype(int) - theirs.astype(int)).max())
+                    for index, tile in enumerate(tiles)
+                    for theirs, w, h in [_openslide_tile(reference, raw, index)])
+        assert worst <= 1, worst          # measured: 0
+    finally:
+        decoder.close()
+    reference, raw, decoder, tiles = _all_tiles(tcga_jp2k, 1)
+    try:
+        data = decoder.source.read(raw, range(len(tiles)))
+        for index, (tile, stream) in enumerate(zip(tiles, data)):
+            col, row = raw.position(index)
+            w = min(raw.tile_w, raw.width - col * raw.tile_w)
+            h = min(raw.tile_h, raw.height - row * raw.tile_h)
+            np.testing.assert_array_equal(tile[:h, :w], imagecodecs.jpeg2k_decode(stream)[:h, :w])
+    finally:
+        decoder.close()
+        reference.close()
+
+
+def _grids(slide, mpp, target):
+    return plan_tiles(slide, slide_mpp=mpp, target_mpp=target, tile_size=224, tissue=detect_tissue(slide, mpp=mpp),
+                      min_tissue=0.0)
+
+
+@pytest.mark.parametrize("name,mpp,target,level", [
+    ("cmu_small", 0.499, 0.5, 0),          # 224 of 240 px stored tiles: every tile spans up to four
+    ("cmu_small", 0.499, 0.83, 0),         # read size 372 > stored tile: stored tiles shared by more
+    ("tcga_jp2k", 0.25, 1.0, 1),           # level 1, non-integer downsample, JPEG 2000
+])
+def test_model_tiles_equal_reader_path(request, name, mpp, target, level):
+    """Model tiles cut from raw-decoded stored tiles equal the reader's, edge tiles included; each
+    stored tile is decoded once however many model tiles share it."""
+    path = request.getfixturevalue(name)
+    with open_slide(path) as slide:
+        grid = _grids(slide, mpp, target)
+        assert grid.level == level
+        choice = choose_decoder(slide, grid.level, CPU, num_threads=2)
+        assert choice.decoder is not None and choice.name == "nvimgcodec-cpu", choice.note
+        assert choice.test_tile["max_abs_diff"] <= 1
+        raw_reader = GridReader(slide, grid, decode=choice)
+        ref_reader = GridReader(slide, grid, locality="off")
+        try:
+            ours = np.concatenate(list(iter_batches(raw_reader, 16)))
+            theirs = np.concatenate(list(iter_batches(ref_reader, 16)))
+            tolerance = 0 if name == "cmu_small" else 1    # cuCIM vs OpenJPEG-in-nvImageCodec: ±1
+            assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= tolerance
+            # Edges: the grid reaches past the level's right and bottom; the reader pads white.
+            ds = slide.info.level_downsamples[level]
+            width, height = slide.info.level_dimensions[level]
+            xl = np.floor(np.asarray(grid.coords)[:, 0] / ds).astype(int)
+            assert (xl + grid.read_size > width).any()
+            raw = choice.decoder.raw
+            touched = set()
+            for i in range(len(grid.coords)):
+                touched.update(raw_reader._tile_units(i))
+            assert raw_reader.counters.regions == len(touched) == choice.decoder.tiles_decoded - 1  # + test tile
+            assert raw_reader.plan.mode == "raw-tiles"
+        finally:
+            raw_reader.close()
+            ref_reader.close()
+
+
+@pytest.fixture()
+def tiffs(tmp_path):
+    """Generic tiled JPEG TIFFs written by tifffile: YCbCr 4:2:0 and 4:4:4, two levels."""
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    base = np.full((600, 700, 3), 245, np.uint8)
+    base[100:500, 150:600] = (200, 90, 170)
+    base += rng.integers(0, 40, base.shape, dtype=np.uint8)
+    paths = []
+    for sub in ((2, 2), (1, 1)):
+        path = tmp_path / f"ycbcr{sub[0]}.tif"
+        with tifffile.TiffWriter(path) as tw:
+            for level, image in enumerate((base, np.ascontiguousarray(base[::2, ::2]))):
+                tw.write(image, tile=(128, 128), compression="jpeg", photometric="ycbcr", subsampling=sub,
+                         subfiletype=level, resolution=(20000 / 2 ** level,) * 2, resolutionunit="CENTIMETER")
+        paths.append(path)
+    return paths
+
+
+def test_generic_ycbcr_jpeg_tiff_equals_openslide(tiffs):
+    for path in tiffs:
+        for level in (0, 1):
+            reference, raw, decoder, tiles = _all_tiles(path, level)
+            try:
+                assert raw.colour == "ycbcr"
+                for index, tile in enumerate(tiles):
+                    theirs, w, h = _openslide_tile(reference, raw, index)
+                    np.testing.assert_array_equal(tile[:h, :w], theirs)
+            finally:
+                decoder.close()
+                reference.close()
+
+
+def _unsort_first_directory(path) -> None:
+    """Swap the first two tag entries of the first TIFF directory: still readable, but libtiff
+    warns "tags are not sorted in ascending order"."""
+    with open(path, "r+b") as fh:
+        head = fh.read(8)
+        assert head[:2] == b"II"
+        (offset,) = struct.unpack("<I", head[4:8])
+        fh.seek(offset)
+        (count,) = struct.unpack("<H", fh.read(2))
+        entries = [fh.read(12) for _ in range(count)]
+        entries[0], entries[1] = entries[1], entries[0]
+        fh.seek(offset + 2)
+        fh.write(b"".join(entries))
+
+
+def test_probe_decides_on_pixels_not_printed_warnings(tiffs, tmp_path):
+    """A valid tiled JPEG TIFF whose tags are out of order makes libtiff print a warning with
+    "Invalid" in it; the probe compares pixels and keeps cuCIM (it used to grep and fall back)."""
+    from jwth_engine.slide import probe_slide
+
+    path = tmp_path / "unsorted.tif"
+    shutil.copy(tiffs[0], path)
+    _unsort_first_directory(path)
+    result = probe_slide(path)
+    assert result.ok, result
+    assert "not sorted" in result.output      # the warning is still printed, and ignored
+    with open_slide(path) as slide:
+        assert slide.info.reader == "cucim"
+
+
+def _truncate_tile(src, dst, col: int, row: int) -> None:
+    """Copy `src` and cut stored tile (col, row) of level 0 to half its bytes (TileByteCounts)."""
+    import tifffile
+
+    shutil.copy(src, dst)
+    with tifffile.TiffFile(dst) as tif:
+        page = tif.pages[0]
+        across = math.ceil(page.imagewidth / page.tilewidth)
+        tag = page.tags["TileByteCounts"]
+        index = row * across + col
+        assert tag.dtype in (4, 16)
+        size = 4 if tag.dtype == 4 else 8
+        where = tag.valueoffset + index * size
+        half = int(page.databytecounts[index]) // 2
+    with open(dst, "r+b") as fh:
+        fh.seek(where)
+        fh.write(half.to_bytes(size, "little"))
+
+
+def test_truncated_stored_tile_fails_with_one_line(cmu_small, tmp_path):
+    bad = tmp_path / "truncated.svs"
+    _truncate_tile(cmu_small, bad, 2, 3)
+    with open_slide(bad) as slide:
+        grid = _grids(slide, 0.499, 0.5)
+        prefetcher = TilePrefetcher(slide, grid, batch_size=16, decode=CPU)
+        assert prefetcher.plan.mode == "raw-tiles"
+        with pytest.raises(SlideError) as err, prefetcher:
+            for batch in prefetcher:
+                batch.release()
+    line = str(err.value)
+    assert "\n" not in line and "truncated.svs" in line
+    assert "stored tile (col 2, row 3) of level 0" in line and "truncated" in line
+
+
+def test_truncated_tile_score_cli(cli_cmd, cmu_small, tmp_path):
+    bad = tmp_path / "truncated.svs"
+    _truncate_tile(cmu_small, bad, 2, 3)
+    out = tmp_path / "out"
+    proc = subprocess.run(cli_cmd + ["score", str(bad), "--model", "test_tiny_patch14_reg4", "--out", str(out),
+                                     "--min-tissue", "0", "--decode", "cpu", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stored tile (col 2, row 3) of level 0" in errors[0], proc.stderr
+    assert not list(out.glob("*.json")) and not list(out.glob("*.parquet"))
+
+
+@pytest.mark.parametrize("name,why", [("ndpi", "strips"), ("boxes", "compression 8")])
+def test_formats_without_raw_path_fall_back_and_say_so(request, fixtures_dir, name, why):
+    path = fixtures_dir / "boxes.tiff" if name == "boxes" else request.getfixturevalue(name)
+    with open_slide(path) as slide:
+        choice = choose_decoder(slide, 0, CPU)
+        assert choice.decoder is None and choice.name == slide.info.reader
+        assert why in choice.note or "NDPI" in choice.note, choice.note
+        assert choice.to_dict()["why"] == choice.note
+
+
+def test_raw_level_reasons(ndpi, fixtures_dir):
+    with pytest.raises(RawLevelUnavailable, match="strips"):
+        RawTileSource(str(ndpi), [(3968, 4864)]).level(0)
+    with pytest.raises(RawLevelUnavailable, match="no tiled TIFF directory"):
+        RawTileSource(str(fixtures_dir / "boxes.tiff"), [(123, 45)]).level(0)
+
+
+def test_decode_option_resolution(monkeypatch):
+    assert reader_for("cucim", "auto") == "cucim" and reader_for("cpu", "openslide") == "openslide"
+    with pytest.raises(ConfigError, match="contradicts"):
+        reader_for("cucim", "openslide")
+    assert resolve_decode("openslide", torch.device("cpu")).backend is None
+    assert resolve_decode("cpu", torch.device("cpu")).backend == "cpu"
+    assert resolve_decode("auto", torch.device("cpu")).backend == "cpu"
+    if not _gpu():
+        with pytest.raises(BackendUnavailable, match="--decode gpu: no CUDA GPU"):
+            resolve_decode("gpu", torch.device("cpu"))
+
+
+def test_ycbcr_conversion_matches_jfif_reference():
+    rng = np.random.default_rng(1)
+    ycc = rng.integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    y, cb, cr = (ycc[..., i].astype(np.float64) for i in range(3))
+    expected = np.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
+                         y + 1.772 * (cb - 128)], -1)
+    expected = np.clip(np.rint(expected), 0, 255)
+    assert np.abs(ycbcr_to_rgb(ycc).astype(float) - expected).max() <= 1
+    np.testing.assert_array_equal(ycbcr_to_rgb(torch.from_numpy(ycc)).numpy(), ycbcr_to_rgb(ycc))
+
+
+def test_score_summary_records_decoder(cmu_small, tmp_path):
+    from jwth_engine import score_slide
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = score_slide(cmu_small, model="test_tiny_patch14_reg4", out=tmp_path / "a", decode="cpu")
+        ref = score_slide(cmu_small, model="test_tiny_patch14_reg4", out=tmp_path / "b", decode="cucim")
+    assert raw.summary["reader"]["decoder"] == "nvimgcodec-cpu"
+    assert "test tile matches cucim" in raw.summary["reader"]["why"]
+    assert ref.summary["reader"]["decoder"] == "cucim" and "--decode cucim" in ref.summary["reader"]["why"]
+    assert raw.summary["pipeline"]["read_plan"]["mode"] == "raw-tiles"
+    # JPEG decoded bit-exactly: the same pixels, the same scores.
+    assert raw.summary["scores"] == ref.summary["scores"]
+    assert raw.summary["pipeline"]["decode_ratio"] == ref.summary["pipeline"]["decode_ratio"]
+
+
+# --- GPU: run wherever a GPU is present ----------------------------------------------------------
+
+def _need_gpu():
+    if not _gpu():
+        pytest.skip("no CUDA GPU visible to torch: the GPU decode path cannot run here")
+    ok, why = __import__("jwth_engine.slide.nvimgcodec_decoder", fromlist=["x"]).gpu_decode_available()
+    if not ok:
+        pytest.skip(f"GPU decode unavailable: {why}")
+
+
+@pytest.mark.parametrize("name", ["cmu_small", "tcga_jp2k"])
+def test_gpu_decode_on_device_matches_cpu(request, name):
+    _need_gpu()
+    path = request.getfixturevalue(name)
+    reference = openslide.OpenSlide(str(path))
+    source = RawTileSource(str(path), reference.level_dimensions)
+    raw = source.level(0)
+    indices = list(range(min(24, raw.tiles_across * raw.tiles_down)))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        gpu = TileDecoder(source, raw, backend="gpu", stream=stream)
+        tiles = gpu.decode(indices)
+        assert all(t.is_cuda and t.dtype == torch.uint8 for t in tiles)
+        host = [t.cpu().numpy() for t in tiles]
+    cpu = TileDecoder(source, raw, backend="cpu")
+    try:
+        for a, b in zip(host, cpu.decode(indices)):
+            diff = np.abs(a.astype(int) - b.astype(int))
+            # nvJPEG's / nvJPEG2000's IDCT/IDWT vs libjpeg-turbo's / OpenJPEG's
+            assert diff.mean() <= 1.0 and diff.max() <= 24, (diff.mean(), diff.max())
+    finally:
+        gpu.close(keep_source=True)
+        cpu.close()
+        reference.close()
+
+
+def test_gpu_pipeline_preprocesses_from_device_buffers(cmu_small):
+    """Decoded tiles stay on the GPU: the prefetcher's batches are device tensors cut from the
+    decoder's buffers (no pinned host buffer exists), preprocessing reads them in place, and the
+    probabilities match the CPU-decoded path's."""
+    _need_gpu()
+    from jwth_engine import _native
+    from jwth_engine.backends import select_backend
+    from jwth_engine.heads import random_head
+    from jwth_engine.heads.native import make_head_runner
+    from jwth_engine.models import load_backbone
+    from jwth_engine.pipeline import ModelStage, PipelineStats, run_streaming
+
+    if not _native.cuda_compiled():
+        pytest.skip("jwth_engine._C built without CUDA kernels")
+    tiny = "test_tiny_patch14_reg4"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = load_backbone(tiny, seed=0)
+        head = random_head("jwth", dim=backbone.embed_dim, num_prefix_tokens=backbone.num_prefix_tokens,
+                           classes=["a", "b"], num_heads=4, backbone_preset=tiny,
+                           backbone_weights_hash=backbone.weights_hash, tile_size=224, target_mpp=0.5, seed=0)
+    backend = select_backend(backbone, device="cuda", precision="fp32", max_batch=16, compile=False,
+                             log=lambda _: None)
+    stage = ModelStage(backend, make_head_runner(head.module).to(backend.device), 224,
+                       backbone.preset.mean, backbone.preset.std)
+    gpu_request = DecodeRequest("gpu", "test")
+    with open_slide(cmu_small) as slide:
+        grid = _grids(slide, 0.499, 0.5)
+        prefetcher = TilePrefetcher(slide, grid, batch_size=16, decode=gpu_request, device=backend.device)
+        with prefetcher:
+            assert prefetcher.plan.mode == "raw-tiles" and prefetcher.decode.name == "nvimgcodec-gpu"
+            assert prefetcher._pool.device is not None and not prefetcher._pool.pin_memory
+            for batch in prefetcher:
+                assert batch.tiles.is_cuda and batch.ready is not None
+                batch.release()
+        stats = PipelineStats()
+        gpu_probs, _ = run_streaming(slide, grid, stage, batch_size=16, decode=gpu_request, stats=stats)
+        assert stats.decoder["decoder"] == "nvimgcodec-gpu"
+        cpu_probs, _ = run_streaming(slide, grid, stage, batch_size=16, decode=CPU)
+        assert np.abs(gpu_probs - cpu_probs).max() < 1e-2
