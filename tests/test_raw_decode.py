@@ -386,3 +386,15 @@ def test_gpu_pipeline_preprocesses_from_device_buffers(cmu_small):
         assert stats.decoder["decoder"] == "nvimgcodec-gpu"
         cpu_probs, _ = run_streaming(slide, grid, stage, batch_size=16, decode=CPU)
         assert np.abs(gpu_probs - cpu_probs).max() < 1e-2
+
+
+def test_doctor_reports_decoders(cli_cmd):
+    import json
+
+    proc = subprocess.run(cli_cmd + ["doctor", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["nvimgcodec"] != "not installed"
+    assert report["decode_cpu"].startswith("available")
+    assert report["decode_cpu_check"].startswith("ok") and report["decode_cpu_check"].endswith(" 0)")
+    assert report["decode_gpu"].startswith("available") == _gpu() or "nvImageCodec" in report["decode_gpu"]

@@ -35,6 +35,9 @@ def collect() -> dict:
             ]
     for name, module in (("cucim", "cucim"), ("openslide", "openslide"), ("timm", "timm"), ("ray", "ray")):
         report[name] = _probe(module)[1]
+    from ..slide.nvimgcodec_decoder import describe_decoders
+
+    report.update(describe_decoders())   # --decode gpu / cpu: available, or why not
     from ..backends import cpu_has_native_bf16
     from ..backends.onnxruntime_backend import onnxruntime_status
     from ..backends.tensorrt_backend import tensorrt_status

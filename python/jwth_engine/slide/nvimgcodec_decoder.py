@@ -142,6 +142,43 @@ def cpu_decode_available() -> tuple[bool, str]:
     return True, ""
 
 
+def describe_decoders() -> dict:
+    """For `doctor`: which tile decoders `--decode` can use here, and why not."""
+    report: dict = {"nvimgcodec": nvimgcodec_version() or "not installed"}
+    ok, why = cpu_decode_available()
+    report["decode_cpu"] = "available (nvImageCodec CPU backend: libjpeg-turbo, OpenJPEG)" if ok else why
+    if ok:
+        report["decode_cpu_check"] = _self_test()
+    ok, why = gpu_decode_available()
+    report["decode_gpu"] = "available (nvImageCodec: nvJPEG hardware/CUDA decoders, nvJPEG2000)" if ok else why
+    return report
+
+
+def _self_test() -> str:
+    """Decode a small JPEG made here on the CPU backend: proves the codec extension loads."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:, :8] = (200, 40, 120)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    n = import_nvimgcodec()
+    key = _Key("cpu", 0, 1)
+    decoder = _pool.acquire(key)
+    try:
+        image = decoder.decode(n.CodeStream(buffer.getvalue()), params=n.DecodeParams(color_spec=n.ColorSpec.SRGB))
+    finally:
+        _pool.release(key, decoder)
+    if image is None:
+        return "FAILED: the CPU backend could not decode a test JPEG"
+    buffer.seek(0)
+    reference = np.asarray(Image.open(buffer).convert("RGB"))   # Pillow's libjpeg, same stream
+    error = int(np.abs(np.asarray(image).astype(int) - reference.astype(int)).max())
+    return f"ok (a test JPEG decodes; max |Δ| vs Pillow's decode {error})"
+
+
 class TileDecoder:
     """Decodes stored tiles of one level. Not thread-safe: one reader thread drives it.
 
