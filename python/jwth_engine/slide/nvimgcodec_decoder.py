@@ -20,7 +20,9 @@ Colour, decided by the TIFF directory and not by markers inside the stream:
   converted here with the JFIF (BT.601 full-range) equations OpenSlide uses.
 
 Decoders are pooled per process (creating one loads codec extensions) and each is used by one
-thread at a time. nvImageCodec logs to stderr through its own messenger and OpenCV's; both are
+thread at a time. On the CPU, a batch is split across `num_threads` single-threaded decoders run
+from as many Python threads (the decode call releases the GIL): nvImageCodec's own executor keeps
+one core free (on a 2-core machine it decodes on one thread, and then trails cuCIM's two). nvImageCodec logs to stderr through its own messenger and OpenCV's; both are
 turned down unless the user set their variables, because every failure is detected on the result
 (a None image, a wrong shape) and reported as one line naming the tile.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,8 +203,11 @@ class TileDecoder:
 
             self.device = torch.device(device if device is not None else "cuda")
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self._key = _Key(backend, device_id, max(0, int(num_threads)))
-        self._decoder = _pool.acquire(self._key)
+        # CPU: one single-threaded decoder per thread (see the module docstring); GPU: one decoder.
+        parts = max(1, int(num_threads)) if backend == "cpu" else 1
+        self._key = _Key(backend, device_id, 1 if backend == "cpu" else max(0, int(num_threads)))
+        self._decoders = [_pool.acquire(self._key) for _ in range(parts)]
+        self._threads = ThreadPoolExecutor(parts, thread_name_prefix="jwth-nvimgcodec") if parts > 1 else None
         spec = n.ColorSpec.SYCC if raw.colour == "rgb" and raw.codec == "jpeg" else (
             n.ColorSpec.UNCHANGED if raw.colour == "ycbcr-raw" else n.ColorSpec.SRGB)
         self._params = n.DecodeParams(color_spec=spec, apply_exif_orientation=False)
@@ -241,8 +247,16 @@ class TileDecoder:
 
             stream = self.stream or torch.cuda.current_stream(self.device)
             cuda_stream = stream.cuda_stream
+        parts = len(self._decoders)
         try:
-            images = self._decoder.decode(streams, params=self._params, cuda_stream=cuda_stream)
+            if parts > 1 and len(streams) >= 2 * parts:
+                size = -(-len(streams) // parts)
+                chunks = [streams[k * size:(k + 1) * size] for k in range(parts)]
+                results = self._threads.map(lambda job: job[0].decode(job[1], params=self._params),
+                                            zip(self._decoders, chunks))
+                images = [image for chunk in results for image in chunk]
+            else:
+                images = self._decoders[0].decode(streams, params=self._params, cuda_stream=cuda_stream)
         except (RuntimeError, ValueError) as exc:
             raise SlideError(self.source.path, f"nvImageCodec failed on a batch of {len(streams)} stored tiles "
                                                f"of level {self.raw.level}: {exc}") from exc
@@ -290,9 +304,12 @@ class TileDecoder:
 
     def close(self, *, keep_source: bool = False) -> None:
         """Return the decoder to the pool and (unless `keep_source`) close the file. Idempotent."""
-        if self._decoder is not None:
-            decoder, self._decoder = self._decoder, None
+        decoders, self._decoders = self._decoders, []
+        for decoder in decoders:
             _pool.release(self._key, decoder)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
         if not keep_source:
             self.source.close()
 

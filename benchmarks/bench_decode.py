@@ -1,0 +1,228 @@
+"""Tile decoding: the raw-tile path (nvImageCodec) against cuCIM's batch read, on the same tiles.
+
+    PYTHONPATH=python python benchmarks/bench_decode.py              # -> results/decode_cpu.json
+    PYTHONPATH=python python benchmarks/bench_decode.py --gpu --out results/decode_cuda.json   # GPU machine
+
+For each slide: the tissue tiles `score` would read (target 0.5 µm/px, 224 px, --min-tissue 0.25),
+read in batches of 32 by the pipeline's reader (pipeline/locality.GridReader) two ways, in
+interleaved passes (A B A B ...) so that load from other processes hits both alike:
+
+  raw_cpu     stored tiles' bytes read from the file, batch-decoded by nvImageCodec's CPU backend
+  cucim       the same stored tiles decoded by cuCIM's multi-threaded batch read_region
+
+Both use `--workers` decode threads and decode each stored tile once per pass (cuCIM's decoded-tile
+cache is off). Reported: tiles/s as the median of N passes with min and max, the median of the
+per-pass ratios raw/cucim, and decoded / needed pixels. With `--gpu` (and a GPU), the raw path on
+nvImageCodec's GPU backend (tiles cut on the device, synchronised per pass) and cuCIM's
+`read_region(device="cuda")` of the same stored-tile units are timed too; without a GPU that part
+is recorded as skipped.
+
+Slides: CMU-1-Small-Region (Aperio JPEG), the TCGA slide (Aperio JPEG 2000) and a 12k x 9k
+synthetic generic TIFF (JPEG YCbCr 4:2:0) written to /tmp by synthetic_slide.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("JWTH_CUCIM_CACHE_MB", "0")   # each pass must decode, not hit a cache
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = Path(os.environ.get("JWTH_TEST_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO / "python"))
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from jwth_engine.pipeline.bench import machine_info, versions  # noqa: E402
+from jwth_engine.pipeline.locality import GridReader  # noqa: E402
+from jwth_engine.slide import open_slide, resolve_mpp  # noqa: E402
+from jwth_engine.slide.decoding import DecodeRequest, choose_decoder  # noqa: E402
+from jwth_engine.slide.nvimgcodec_decoder import nvimgcodec_version  # noqa: E402
+from jwth_engine.tiling import plan_tiles  # noqa: E402
+from jwth_engine.tissue import detect_tissue  # noqa: E402
+
+SCHEMA = "jwth-engine/bench-decode/v1"
+BATCH = 32
+
+
+def git_state() -> dict:
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+
+
+def one_pass(slide, grid, *, decode_choice=None, workers: int, device=None) -> tuple[float, object]:
+    reader = GridReader(slide, grid, num_workers=workers, decode=decode_choice)
+    n, r = len(reader), grid.read_size
+    on_gpu = device is not None and decode_choice is not None and decode_choice.decoder is not None
+    if on_gpu:
+        out = torch.empty((BATCH, r, r, 3), dtype=torch.uint8, device=device)
+    else:
+        out = np.empty((BATCH, r, r, 3), np.uint8)
+    t = time.perf_counter()
+    for start in range(0, n, BATCH):
+        reader.read_into(start, out[:min(BATCH, n - start)])
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t
+    counters = reader.counters
+    reader._units.clear()     # the decoder is reused by the next pass (closed by the caller)
+    return seconds, counters
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2), "passes": [round(v, 2) for v in values]}
+
+
+def cucim_gpu_pass(slide, grid, unit: tuple[int, int]) -> float | None:
+    """cuCIM's own GPU read of the stored-tile units the grid touches (device="cuda")."""
+    from cucim.clara import CuImage
+
+    reader = GridReader(slide, grid, locality="on")
+    units = set()
+    for i in range(len(reader)):
+        units.update(reader._tile_units(i))
+    uw, uh = unit
+    cols = reader._ucols
+    ds = slide.info.level_downsamples[grid.level]
+    locs = [[int(round((u % cols) * uw * ds)), int(round((u // cols) * uh * ds))] for u in sorted(units)]
+    image = CuImage(slide.path)
+    t = time.perf_counter()
+    for start in range(0, len(locs), BATCH):
+        for batch in image.read_region(locs[start:start + BATCH], (uw, uh), grid.level, device="cuda",
+                                       batch_size=BATCH, num_workers=2):
+            torch.as_tensor(batch, device="cuda")
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu: bool, log) -> dict:
+    with open_slide(path, reader="cucim") as slide:
+        slide_mpp = resolve_mpp(slide.info, mpp)
+        tissue = detect_tissue(slide, mpp=slide_mpp)
+        grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=0.5, tile_size=224, tissue=tissue, min_tissue=0.25)
+        n = len(grid.coords)
+        log(f"{Path(path).name}: {n} tiles, level {grid.level}, read size {grid.read_size}")
+        raw = choose_decoder(slide, grid.level, DecodeRequest("cpu", "benchmark"), num_threads=workers)
+        if raw.decoder is None:
+            raise SystemExit(f"{path}: raw path unavailable: {raw.note}")
+        rates = {"raw_cpu": [], "cucim": []}
+        counters = {}
+        one_pass(slide, grid, decode_choice=raw, workers=workers)          # warm-up, both
+        one_pass(slide, grid, workers=workers)
+        for _ in range(repeats):
+            seconds, counters["raw_cpu"] = one_pass(slide, grid, decode_choice=raw, workers=workers)
+            rates["raw_cpu"].append(n / seconds)
+            seconds, counters["cucim"] = one_pass(slide, grid, workers=workers)
+            rates["cucim"].append(n / seconds)
+        raw.decoder.close()
+        ratios = [a / b for a, b in zip(rates["raw_cpu"], rates["cucim"])]
+        result = {
+            "slide": path, "tiles": n, "level": grid.level, "read_size": grid.read_size,
+            "stored_tile": list(slide.info.level_tile_sizes[grid.level]), "compression": slide.info.compression,
+            "raw_decoder_check": raw.test_tile,
+            "tiles_per_s": {name: summary(values) for name, values in rates.items()},
+            "raw_over_cucim": {"median": round(statistics.median(ratios), 3), "passes": [round(r, 3) for r in ratios]},
+            "decoded_to_needed_px": {name: round(c.decode_ratio, 4) for name, c in counters.items()},
+        }
+        result["gpu"] = bench_gpu(slide, grid, repeats, workers, log) if gpu else {"skipped": "not requested (--gpu)"}
+    return result
+
+
+def bench_gpu(slide, grid, repeats: int, workers: int, log) -> dict:
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA GPU on this machine"}
+    device = torch.device("cuda")
+    stream = torch.cuda.Stream(device)
+    n = len(grid.coords)
+    with torch.cuda.stream(stream):
+        raw = choose_decoder(slide, grid.level, DecodeRequest("gpu", "benchmark"), device=device, stream=stream,
+                             num_threads=workers)
+        if raw.decoder is None:
+            return {"skipped": f"raw GPU path unavailable: {raw.note}"}
+        one_pass(slide, grid, decode_choice=raw, workers=workers, device=device)
+        raw_rates = [n / one_pass(slide, grid, decode_choice=raw, workers=workers, device=device)[0]
+                     for _ in range(repeats)]
+        unit = (raw.decoder.raw.tile_w, raw.decoder.raw.tile_h)
+        raw.decoder.close()
+    out = {"raw_gpu": summary(raw_rates), "raw_decoder_check": raw.test_tile}
+    try:
+        cucim_gpu_pass(slide, grid, unit)    # warm-up
+        cu_rates = [n / cucim_gpu_pass(slide, grid, unit) for _ in range(repeats)]
+        out["cucim_gpu"] = summary(cu_rates)
+        out["raw_over_cucim_gpu"] = round(statistics.median(raw_rates) / statistics.median(cu_rates), 3)
+    except (RuntimeError, ValueError) as exc:
+        out["cucim_gpu"] = {"skipped": f"cuCIM GPU read failed: {exc}"}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(HERE / "results" / "decode_cpu.json"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--gpu", action="store_true", help="also time the GPU paths (needs a GPU)")
+    args = parser.parse_args()
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    from synthetic_slide import write_slide  # noqa: E402  (benchmarks/ helper)
+
+    slides = [(str(DATA / "wsi" / "aperio_svs" / "CMU-1-Small-Region.svs"), None),
+              (str(DATA / "wsi" / "aperio_svs" / "tcga-cr-7395-01a-01-ts1.svs"), 0.25)]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        synthetic = str(Path(tmp) / "synthetic_12k.tiff")
+        log("writing a 12k x 9k synthetic slide")
+        write_slide(synthetic, width=12000, height=9000)
+        slides.append((synthetic, None))
+        for path, mpp in slides:
+            results.append(bench_slide(path, mpp, repeats=args.repeats, workers=args.workers, gpu=args.gpu, log=log))
+            r = results[-1]
+            log(f"  raw_cpu {r['tiles_per_s']['raw_cpu']['median']} tiles/s, cucim "
+                f"{r['tiles_per_s']['cucim']['median']} tiles/s, raw/cucim {r['raw_over_cucim']['median']}")
+    ratios = [r["raw_over_cucim"]["median"] for r in results]
+    report = {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": "PYTHONPATH=python python " + " ".join(sys.argv),
+        "git": git_state(),
+        "machine": {**machine_info(), "platform": platform.platform()},
+        "versions": {**versions(), "nvimgcodec": nvimgcodec_version()},
+        "settings": {"repeats": args.repeats, "workers": args.workers, "batch": BATCH, "target_mpp": 0.5,
+                     "tile_size": 224, "min_tissue": 0.25, "statistic": "median of passes (min, max given)",
+                     "cucim_cache_mb": os.environ.get("JWTH_CUCIM_CACHE_MB")},
+        "slides": results,
+        "goals": {
+            "raw_cpu_at_least_cucim": {"values": ratios, "goal": ">= 1.0 on every slide (median of per-pass ratios)",
+                                       "met": all(r >= 1.0 for r in ratios)},
+            "decoded_to_needed_px": {"values": [r["decoded_to_needed_px"] for r in results],
+                                     "goal": "raw path decodes no more than the reader path (<= 1.15 where tile "
+                                             "geometry allows)",
+                                     "met": all(r["decoded_to_needed_px"]["raw_cpu"]
+                                                <= r["decoded_to_needed_px"]["cucim"] for r in results)},
+            "gpu": "not measured: no GPU on this machine" if not torch.cuda.is_available() else "see slides[].gpu",
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp_out, out)
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
