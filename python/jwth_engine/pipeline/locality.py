@@ -18,6 +18,11 @@ test slide). The one reader for which that is false is OpenSlide on a level whos
 not an integer: it renders such a level at a sub-pixel offset that depends on the region's
 level-0 origin. Those levels are read tile by tile (OpenSlide's own cache, which the reader sizes
 for row-major reads, then avoids repeated decodes).
+
+Raw-tile mode ("raw-tiles", `--decode gpu|cpu`): the units are exactly the level's stored tiles and
+come from a slide.nvimgcodec_decoder.TileDecoder (compressed bytes batch-decoded by nvImageCodec)
+instead of `read_regions`. On the GPU the units are device tensors and `out` is a device buffer:
+the same slicing cuts model tiles on the device.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@
                          pinned memory asynchronously, collected two batches later (no per-batch
                          synchronisation, so the GPU always has the next batch queued)
 
+With `--decode gpu` the reader thread decodes and cuts tiles on the GPU (its own stream, an event
+per batch); the upload thread then only waits for that event and preprocesses the device buffer in
+place: no host buffer, no copy.
+
 On the CPU there is no upload thread: the main thread preprocesses (one fused native pass, ~1 %
 of the backbone's time) and runs the model while the reader decodes the next batches.
 
