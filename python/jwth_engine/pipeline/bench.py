@@ -374,7 +374,7 @@ def _bench_decode(slide, grid, path, batch_size, num_workers, prefetch, locality
     raw = request is not None and request.backend is not None
     modes = ([("pipeline", locality, request)] + ([("reader_stored_tiles", locality, None)] if raw else [])
              + ([] if locality == "off" else [("per_tile_regions", "off", None)]))
-    rates: dict = {name: [] for name, _ in modes}
+    rates: dict = {name: [] for name, _, _ in modes}
     counters: dict = {}
     factory = level = None
     skipped = None
