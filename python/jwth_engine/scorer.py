@@ -99,10 +99,12 @@ class ScoringModel:
     notes: list = field(default_factory=list)
     load_seconds: float = 0.0
 
-    def stage(self):
+    def stage(self, observers=(), *, need_attn: bool = False, need_pooled: bool = False):
+        """A fresh per-slide ModelStage; `observers` see every batch (see pipeline/stages.py)."""
         from .pipeline import ModelStage
 
-        return ModelStage(self.backend, self.head_runner, self.tile_size, self.preset.mean, self.preset.std)
+        return ModelStage(self.backend, self.head_runner, self.tile_size, self.preset.mean, self.preset.std,
+                          observers=tuple(observers), need_attn=need_attn, need_pooled=need_pooled)
 
 
 def load_scoring_model(*, model: str | None = None, weights: str | None = None, head: str | None = None,
@@ -223,9 +225,11 @@ class SlideScorer:
         return PreparedSlide(str(path), mpp, slide, slide_mpp, tissue, grid, prefetcher, timings)
 
     def finish(self, prepared: PreparedSlide, *, out: str | os.PathLike | None, name: str,
-               progress: Callable[[int, int], None] | None = None, started: float | None = None) -> ScoreResult:
+               progress: Callable[[int, int], None] | None = None, started: float | None = None,
+               observers=(), need_attn: bool = False, need_pooled: bool = False) -> ScoreResult:
         """Score the prepared slide; with `out`, write `<name>.tiles.parquet` then `<name>.summary.json`
-        there, each atomically (a summary on disk means the slide finished)."""
+        there, each atomically (a summary on disk means the slide finished). `observers` see every
+        batch's tokens and head output (embeddings, attention maps; see pipeline/stages.py)."""
         from .outputs import aggregate_scores, package_versions, remove_stale_temps, sha256_file
         from .outputs import tiles_table, write_summary_json, write_tiles_parquet
         from .pipeline import PipelineStats, run_streaming
@@ -251,7 +255,9 @@ class SlideScorer:
                     if progress:
                         progress(done, total)
 
-                probs, stage_seconds = run_streaming(prepared.slide, grid, model.stage(), batch_size=self.batch_size,
+                probs, stage_seconds = run_streaming(prepared.slide, grid,
+                                                     model.stage(observers, need_attn=need_attn, need_pooled=need_pooled),
+                                                     batch_size=self.batch_size,
                                                      num_workers=self.num_workers, progress=advance,
                                                      prefetcher=prepared.prefetcher, stats=stats)
                 timings.update(stage_seconds)
