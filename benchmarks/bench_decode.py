@@ -45,8 +45,8 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from jwth_engine.pipeline.bench import machine_info, versions  # noqa: E402
 from jwth_engine.pipeline.locality import GridReader  # noqa: E402
+from jwth_engine.runtime import library_versions, machine  # noqa: E402
 from jwth_engine.slide import open_slide, resolve_mpp  # noqa: E402
 from jwth_engine.slide.decoding import DecodeRequest, choose_decoder  # noqa: E402
 from jwth_engine.slide.nvimgcodec_decoder import nvimgcodec_version  # noqa: E402
@@ -199,8 +199,8 @@ def main() -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": "PYTHONPATH=python python " + " ".join(sys.argv),
         "git": git_state(),
-        "machine": {**machine_info(), "platform": platform.platform()},
-        "versions": {**versions(), "nvimgcodec": nvimgcodec_version()},
+        "machine": {**machine(), "platform": platform.platform()},
+        "versions": {**library_versions("cucim"), "nvimgcodec": nvimgcodec_version()},
         "settings": {"repeats": args.repeats, "workers": args.workers, "batch": BATCH, "target_mpp": 0.5,
                      "tile_size": 224, "min_tissue": 0.25, "statistic": "median of passes (min, max given)",
                      "cucim_cache_mb": os.environ.get("JWTH_CUCIM_CACHE_MB")},
