@@ -208,6 +208,7 @@ class TileDecoder:
         self._key = _Key(backend, device_id, 1 if backend == "cpu" else max(0, int(num_threads)))
         self._decoders = [_pool.acquire(self._key) for _ in range(parts)]
         self._threads = ThreadPoolExecutor(parts, thread_name_prefix="jwth-nvimgcodec") if parts > 1 else None
+        self._count_lock = threading.Lock()
         spec = n.ColorSpec.SYCC if raw.colour == "rgb" and raw.codec == "jpeg" else (
             n.ColorSpec.UNCHANGED if raw.colour == "ycbcr-raw" else n.ColorSpec.SRGB)
         self._params = n.DecodeParams(color_spec=spec, apply_exif_orientation=False)
@@ -219,8 +220,20 @@ class TileDecoder:
         return f"nvimgcodec-{self.backend}"
 
     def decode(self, indices) -> list:
-        """Tiles `indices` of the level, in that order. Raises SlideError naming a bad tile."""
+        """Tiles `indices` of the level, in that order. Raises SlideError naming a bad tile.
+
+        On the CPU with several decoders, each thread reads, decodes and finishes a contiguous
+        share of the (sorted) indices: file reads and colour/edge fix-ups overlap decoding too."""
         indices = [int(i) for i in indices]
+        parts = len(self._decoders)
+        if parts > 1 and len(indices) >= 2 * parts:
+            size = -(-len(indices) // parts)
+            jobs = [(self._decoders[k], indices[k * size:(k + 1) * size]) for k in range(parts)]
+            chunks = list(self._threads.map(lambda job: self._decode_with(*job), jobs))
+            return [tile for chunk in chunks for tile in chunk]
+        return self._decode_with(self._decoders[0], indices)
+
+    def _decode_with(self, decoder, indices: list[int]) -> list:
         raw = self.raw
         datas = self.source.read(raw, indices)
         streams, where = [], []
@@ -234,29 +247,22 @@ class TileDecoder:
             streams.append(self._n.CodeStream(tile_stream(raw, data)))
             where.append(k)
         if streams:
-            images = self._run(streams)
+            images = self._run(decoder, streams)
             for k, image in zip(where, images):
                 out[k] = self._finish(indices[k], image)
-        self.tiles_decoded += len(streams)
+        with self._count_lock:
+            self.tiles_decoded += len(streams)
         return out
 
-    def _run(self, streams: list) -> list:
+    def _run(self, decoder, streams: list) -> list:
         cuda_stream = 0
         if self.backend == "gpu":
             import torch
 
             stream = self.stream or torch.cuda.current_stream(self.device)
             cuda_stream = stream.cuda_stream
-        parts = len(self._decoders)
         try:
-            if parts > 1 and len(streams) >= 2 * parts:
-                size = -(-len(streams) // parts)
-                chunks = [streams[k * size:(k + 1) * size] for k in range(parts)]
-                results = self._threads.map(lambda job: job[0].decode(job[1], params=self._params),
-                                            zip(self._decoders, chunks))
-                images = [image for chunk in results for image in chunk]
-            else:
-                images = self._decoders[0].decode(streams, params=self._params, cuda_stream=cuda_stream)
+            images = decoder.decode(streams, params=self._params, cuda_stream=cuda_stream)
         except (RuntimeError, ValueError) as exc:
             raise SlideError(self.source.path, f"nvImageCodec failed on a batch of {len(streams)} stored tiles "
                                                f"of level {self.raw.level}: {exc}") from exc
