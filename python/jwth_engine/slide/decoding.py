@@ -5,8 +5,9 @@
     cucim      regions read and decoded by cuCIM (the slide reader), as before this option existed
     openslide  regions read by OpenSlide
     auto       gpu when the model runs on a GPU and nvImageCodec is installed; else cpu when
-               nvImageCodec is installed (faster than cuCIM's batch read on this machine's
-               benchmark, benchmarks/results/decode_cpu.json); else the slide reader
+               nvImageCodec is installed (the GPU path's code on the CPU backend; at parity with
+               cuCIM's batch read within the noise of benchmarks/results/decode_cpu.json); else
+               the slide reader
 
 The raw path needs a tiled TIFF-family level with JPEG or JPEG 2000 tiles (raw_tiles.py). Where it
 cannot be used (NDPI strips, MRXS, deflate tiles, odd photometrics) or where its test tile does
@@ -80,8 +81,7 @@ def resolve_decode(decode: str, device) -> DecodeRequest:
             return DecodeRequest("gpu", "auto: the model runs on a GPU, so tiles are decoded there")
     ok, why_cpu = cpu_decode_available()
     if ok:
-        return DecodeRequest("cpu", "auto: nvImageCodec's CPU backend (faster than cuCIM's batch read in "
-                                    "benchmarks/results/decode_cpu.json)")
+        return DecodeRequest("cpu", "auto: no GPU in use; stored tiles decoded by nvImageCodec's CPU backend")
     return DecodeRequest(None, f"auto: nvImageCodec unavailable ({why_cpu})")
 
 
