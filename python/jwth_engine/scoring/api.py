@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig
-from ..errors import ConfigError
 from .slide import ScoreResult, SlideScorer, check_out_dir, open_for_scoring
 
 
@@ -30,10 +29,7 @@ def score_slide(path: str | os.PathLike, *, config: RunConfig | None = None, out
     one-line messages for every input problem.
     """
     started = time.perf_counter()
-    if config is None:
-        config = RunConfig.from_kwargs(**settings)
-    elif settings:
-        raise ConfigError(f"pass either config or settings, not both (got {', '.join(sorted(settings))})")
+    config = RunConfig.given(config, settings)
     # `out` is where this call writes, not a setting of the run: it stays out of the recorded config.
     out_dir = check_out_dir(config.output.out if out is None else out)
     t_open = time.perf_counter()

@@ -43,7 +43,8 @@ def output_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
 
 
 def check_out_dir(out: str | os.PathLike | None) -> Path | None:
-    """The output folder, created; the one check of it (`out` None: nothing is written)."""
+    """The output folder, created: the one check of it, made before anything is loaded (`out` None:
+    nothing is written)."""
     if out is None:
         return None
     out = Path(out)
@@ -90,11 +91,7 @@ class SlideScorer:
     """`score_slide` with the model loaded once: `prepare(path)` then `finish(prepared, out, name)`."""
 
     def __init__(self, config: RunConfig | None = None, *, model: ScoringModel | None = None, **kwargs):
-        if config is None:
-            config = RunConfig.from_kwargs(**kwargs)
-        elif kwargs:
-            raise ConfigError(f"pass either config or settings, not both (got {', '.join(sorted(kwargs))})")
-        self.config = config
+        self.config = RunConfig.given(config, kwargs)
         self.model = model or load_scoring_model(config)
         self._load_charged = False
 
@@ -135,7 +132,9 @@ class SlideScorer:
         """Score the prepared slide; with `out`, write `<name>.tiles.parquet` then `<name>.summary.json`
         there, each atomically (a summary on disk means the slide finished)."""
         t_start = started or time.perf_counter()
-        out_dir = check_out_dir(out)
+        # Checked by the caller at the edge (score_slide, a screening worker's staging folder);
+        # the atomic writers create it if it is missing.
+        out_dir = Path(out) if out is not None else None
         timings = {"open": prepared.timings.get("open", 0.0),
                    "model_load": 0.0 if self._load_charged else self.model.load_seconds,
                    "tissue": prepared.timings.get("tissue", 0.0), "plan": prepared.timings.get("plan", 0.0)}

@@ -38,7 +38,8 @@ def identity(config: RunConfig) -> dict:
     head_meta = read_head_meta(m.head) if m.head else None
     model = config.model_name(head_meta)
     model_is_file = model.endswith(".json") and Path(model).is_file()
-    resolved = config.resolve(head_meta, get_preset(model))
+    # The preset is read only when it decides a setting: a fully given tiling needs no preset here.
+    resolved = config.resolve(head_meta, get_preset(model) if config.needs_preset(head_meta) else None)
     return {
         "model": Path(model).stem if model_is_file else model,
         "model_file_sha256": _sha256(model) if model_is_file else None,

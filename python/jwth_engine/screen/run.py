@@ -150,8 +150,8 @@ def run_screen(
     """Screen every slide of `source` into `out`; see `jwth-engine screen --help`."""
     t0 = time.monotonic()
     if gpus and ray_address:
-        raise ConfigError("--gpus is for local runs; on Ray each GPU of the cluster gets a worker "
-                          "(--device cpu for CPU workers)")
+        raise ConfigError("gpus is for local runs; on Ray each GPU of the cluster gets a worker "
+                          "(--device cpu for CPU workers)", field="gpus")
     if gpus and config.runtime.device == "cpu":
         raise ConfigError("gpus and device cpu contradict each other", field="gpus")
     sources = load_sources(source)
