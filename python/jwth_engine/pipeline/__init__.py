@@ -10,10 +10,10 @@ in `jwth_engine.bench`, above this package.
 from .locality import GridReader, ReadPlan, plan_reads
 from .prefetch import TileBatch, TilePrefetcher
 from .sequential import run_sequential
-from .stages import ModelStage, StageTimer
+from .stages import BatchObserver, ModelStage, StageTimer
 from .streaming import PipelineStats, run_streaming
 
 __all__ = [
-    "GridReader", "ModelStage", "PipelineStats", "ReadPlan", "StageTimer", "TileBatch", "TilePrefetcher",
+    "BatchObserver", "GridReader", "ModelStage", "PipelineStats", "ReadPlan", "StageTimer", "TileBatch", "TilePrefetcher",
     "plan_reads", "run_sequential", "run_streaming",
 ]

@@ -44,8 +44,10 @@ class ScoringModel:
     def target_mpp(self) -> float:
         return self.resolved.target_mpp
 
-    def stage(self) -> ModelStage:
-        return ModelStage(self.backend, self.head_runner, self.tile_size, self.preset.mean, self.preset.std)
+    def stage(self, observers=(), *, need_attn: bool = False, need_pooled: bool = False) -> ModelStage:
+        """A fresh per-slide ModelStage; `observers` see every batch (see pipeline/stages.py)."""
+        return ModelStage(self.backend, self.head_runner, self.tile_size, self.preset.mean, self.preset.std,
+                          observers=tuple(observers), need_attn=need_attn, need_pooled=need_pooled)
 
 
 def load_scoring_model(config: RunConfig | None = None, *, announce: Callable[[str], None] | None = None,

@@ -128,9 +128,11 @@ class SlideScorer:
         return PreparedSlide(str(path), mpp, slide, slide_mpp, tissue, grid, prefetcher, timings)
 
     def finish(self, prepared: PreparedSlide, *, out: str | os.PathLike | None, name: str,
-               progress: Callable[[int, int], None] | None = None, started: float | None = None) -> ScoreResult:
+               progress: Callable[[int, int], None] | None = None, started: float | None = None,
+               observers=(), need_attn: bool = False, need_pooled: bool = False) -> ScoreResult:
         """Score the prepared slide; with `out`, write `<name>.tiles.parquet` then `<name>.summary.json`
-        there, each atomically (a summary on disk means the slide finished)."""
+        there, each atomically (a summary on disk means the slide finished). `observers` see every
+        batch's tokens and head output (embeddings, attention maps; see pipeline/stages.py)."""
         t_start = started or time.perf_counter()
         # Checked by the caller at the edge (score_slide, a screening worker's staging folder);
         # the atomic writers create it if it is missing.
@@ -154,7 +156,9 @@ class SlideScorer:
                     if progress:
                         progress(done, total)
 
-                probs, stage_seconds = run_streaming(prepared.slide, grid, model.stage(), batch_size=runtime.batch_size,
+                probs, stage_seconds = run_streaming(prepared.slide, grid,
+                                                     model.stage(observers, need_attn=need_attn, need_pooled=need_pooled),
+                                                     batch_size=runtime.batch_size,
                                                      num_workers=runtime.num_workers, progress=advance,
                                                      prefetcher=prepared.prefetcher, stats=stats)
                 timings.update(stage_seconds)
