@@ -90,9 +90,9 @@ class PreparedSlide:
 class SlideScorer:
     """`score_slide` with the model loaded once: `prepare(path)` then `finish(prepared, out, name)`."""
 
-    def __init__(self, config: RunConfig | None = None, *, model: ScoringModel | None = None, **kwargs):
+    def __init__(self, config: RunConfig | None = None, *, scoring_model: ScoringModel | None = None, **kwargs):
         self.config = RunConfig.given(config, kwargs)
-        self.model = model or load_scoring_model(config)
+        self.model = scoring_model or load_scoring_model(self.config)
         self._load_charged = False
 
     @property
