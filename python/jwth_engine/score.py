@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .embed.slide_head import SlideHeadRunner
 from .scorer import (DEFAULT_CLASSES, DEFAULT_PRESET, ScoreResult, SlideScorer, check_options, check_out_dir,
                      open_for_scoring, output_paths)
 
@@ -43,13 +44,19 @@ def score_slide(
     seed: int = 0,
     compile: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    slide_head: str | None = None,
 ) -> ScoreResult:
     """Score a slide; returns the summary dict and the per-tile table (and writes them to `out`).
 
     `progress(done, total)` is called after every batch. Raises `JwthError` subclasses with
-    one-line messages for every input problem.
+    one-line messages for every input problem. `slide_head` (a fit-slide-head file) reduces the
+    slide's tile vectors, collected during the same pass, to a slide prediction (embed/slide_head.py).
     """
     started = time.perf_counter()
+    if slide_head:
+        from .heads.slide_io import load_slide_head
+
+        slide_head = load_slide_head(slide_head)    # a wrong file fails before the slide or model
     check_options(batch_size=batch_size, min_tissue=min_tissue, top_k=top_k)
     out_dir = check_out_dir(out)
     t_open = time.perf_counter()
@@ -60,10 +67,15 @@ def score_slide(
                              backend=backend, precision=precision, batch_size=batch_size, mpp=mpp,
                              tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue, top_k=top_k,
                              num_workers=num_workers, reader=reader, seed=seed, compile=compile)
+        runner = SlideHeadRunner(slide_head, scorer.model) if slide_head else None
         prepared = scorer.prepare(path, mpp, opened=opened)
         prepared.timings["open"] = t_open    # opened before the model was loaded, to fail fast
     except BaseException:
         opened[0].close()
         raise
+    extra = {}
+    if runner is not None:
+        extra = {"observers": [runner.observer(len(prepared.grid))], "need_pooled": runner.need_pooled,
+                 "annotate": runner.annotate}
     return scorer.finish(prepared, out=out_dir, name=name or Path(path).name.rsplit(".", 1)[0],
-                         progress=progress, started=started)
+                         progress=progress, started=started, **extra)
