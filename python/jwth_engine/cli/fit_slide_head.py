@@ -27,9 +27,11 @@ import click
               help="Share of each class's patients held out for early stopping (no `split` column).")
 @click.option("--folds", type=click.IntRange(min=2), default=None, help="K-fold cross-validation by patient.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-gb", type=click.FloatRange(min=0), default=8.0, show_default=True,
+              help="Keep the bags in memory when they fit in this much; else read each bag when needed.")
 @click.option("--json", "print_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def fit_slide_head(manifest, features_dir, kind, out_path, hidden, num_heads, dropout, lr, weight_decay, epochs,
-                   patience, bags_per_step, val_fraction, folds, seed, print_json):
+                   patience, bags_per_step, val_fraction, folds, seed, cache_gb, print_json):
     """Train a slide head on bags of tile features (MANIFEST: slide_id,label[,split,patient])."""
     from pathlib import Path
 
@@ -41,7 +43,7 @@ def fit_slide_head(manifest, features_dir, kind, out_path, hidden, num_heads, dr
                       weight_decay=weight_decay, epochs=epochs, patience=patience,
                       bags_per_step=bags_per_step, seed=seed)
     result = fit(manifest, features_dir, cfg, val_fraction=val_fraction, folds=folds,
-                 log=lambda msg: click.echo(msg, err=True))
+                 cache_bytes=int(cache_gb * 2**30), log=lambda msg: click.echo(msg, err=True))
     report = result.report
     report["sha256"] = save_slide_head(result.module, result.meta, out_path)
     stem = str(Path(out_path).with_suffix(""))
