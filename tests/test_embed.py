@@ -271,3 +271,27 @@ def test_slide_head_from_another_encoder_is_refused(embedded, cmu_small, tmp_pat
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {head}: features are 96-dim but the slide head expects 1024 (uni_vitl16_v1 cls)")
     assert not (tmp_path / "o" / "CMU-1-Small-Region.summary.json").exists()
+
+
+def test_bulk_embed_records_failures_and_resumes(cmu_small, tiny_svs, tmp_path, cli_cmd):
+    """Many slides go through screen's ledger: a missing slide fails alone (exit 1), a rerun skips
+    finished slides, and asking for another feature kind needs --reconfigure."""
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(f"path,slide_id\n{cmu_small},cmu\n{tiny_svs},small\n{tmp_path / 'gone.svs'},gone\n")
+    out = tmp_path / "emb"
+    base = [*cli_cmd, "embed", str(manifest), "--out", str(out), "--model", MODEL, "--device", "cpu",
+            "--backend", "torch", "--precision", "fp32", "--batch-size", "16", "--no-progress"]
+    proc = subprocess.run(base, capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "2 embedded, 1 failed" in proc.stdout and "gone.svs: file not found" in proc.stderr
+    cmu = out / f"features_{MODEL}" / "cmu.h5"
+    coords, feats, _ = trident_read(cmu)
+    assert len(coords) > 10 and feats.shape[1] == 96
+    assert trident_read(out / f"features_{MODEL}" / "small.h5")[1].shape == (0, 96)   # no tissue: empty bag
+    summary = json.loads((out / "slides" / "cmu" / "cmu.summary.json").read_text())
+    assert summary["features"]["cls"]["rows"] == len(coords)
+    before = cmu.stat().st_mtime_ns
+    proc = subprocess.run(base, capture_output=True, text=True)
+    assert "2 skipped" in proc.stdout and cmu.stat().st_mtime_ns == before
+    proc = subprocess.run([*base, "--features", "cls,mean"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "features cls -> cls,mean" in proc.stderr

@@ -195,9 +195,11 @@ def feature_stats(store: BagStore, idx: np.ndarray) -> tuple[torch.Tensor, torch
     """Mean and standard deviation over every tile of the bags `idx` (float64 sums, one bag at a time)."""
     total, sq, count = np.zeros(store.dim), np.zeros(store.dim), 0
     for i in idx:
-        bag = store.get(int(i)).double().numpy()
-        total += bag.sum(0)
-        sq += (bag * bag).sum(0)
+        bag = store.get(int(i)).numpy()
+        for start in range(0, len(bag), 8192):    # float64 copies of a whole 100k bag would triple its memory
+            rows = bag[start:start + 8192].astype(np.float64)
+            total += rows.sum(0)
+            sq += (rows * rows).sum(0)
         count += len(bag)
     mean = total / count
     std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
