@@ -52,7 +52,7 @@ def bench_embed_vs_score(args, tmp: Path) -> dict:
     import torch
 
     from jwth_engine.embed.run import embed_prepared
-    from jwth_engine.scorer import SlideScorer
+    from jwth_engine.scoring import SlideScorer
 
     scorer = SlideScorer(model=args.model, device="cpu", backend=args.backend, precision=args.precision,
                          batch_size=args.batch_size, num_workers=args.workers, seed=0)
@@ -155,12 +155,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from jwth_engine.pipeline.bench import machine_info, versions
+    from jwth_engine.runtime import library_versions, machine
 
     result = {"schema": "jwth-engine/bench-embed/v1",
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-              "git": git_state(), "machine": machine_info(), "versions": versions(),
+              "git": git_state(), "machine": machine(), "versions": library_versions(),
               "statistic": "median of --repeats passes, with min and max"}
     with tempfile.TemporaryDirectory(prefix="jwth-bench-embed-") as tmp:
         tmp = Path(tmp)

@@ -18,7 +18,7 @@ from jwth_engine.errors import ConfigError
 from jwth_engine.heads.fit_slide import TrainConfig, fit_slide_head
 from jwth_engine.heads.slide_io import save_slide_head
 from jwth_engine.outputs.features_h5 import write_features_h5
-from jwth_engine.score import score_slide
+from jwth_engine.scoring import score_slide
 
 MODEL = "test_tiny_patch14_reg4"
 OPTS = dict(model=MODEL, device="cpu", backend="torch", precision="fp32", batch_size=16, seed=0)
@@ -143,7 +143,7 @@ def lung_vectors(data_dir):
     stage = ModelStage(backend, head=None, tile_size=224, mean=backbone.preset.mean, std=backbone.preset.std)
     out = {}
     for c, p in paths.items():
-        out[c] = embed_tiles(load_tile_images(p[:100], 224), stage, 32)[:, 0].float().numpy()
+        out[c] = embed_tiles(load_tile_images(p[:100]), stage, 32)[:, 0].float().numpy()
     return out, backbone.weights_hash
 
 
