@@ -52,10 +52,12 @@ def bench_embed_vs_score(args, tmp: Path) -> dict:
     import torch
 
     from jwth_engine.embed.run import embed_prepared
+    from jwth_engine.config import RunConfig
     from jwth_engine.scoring import SlideScorer
 
-    scorer = SlideScorer(model=args.model, device="cpu", backend=args.backend, precision=args.precision,
-                         batch_size=args.batch_size, num_workers=args.workers, seed=0)
+    scorer = SlideScorer(RunConfig.from_kwargs(model=args.model, device="cpu", backend=args.backend,
+                                               precision=args.precision, batch_size=args.batch_size,
+                                               num_workers=args.workers, seed=0))
     rates = {"score": [], "embed": []}
     cpu = {"score": [], "embed": []}
     tiles = None
