@@ -165,3 +165,10 @@ def test_metrics_by_hand():
     assert rep["confusion_matrix"] == [[3, 0], [2, 1]]
     assert rep["per_class_recall"] == {"neg": 1.0, "pos": pytest.approx(1 / 3)}
     assert rep["balanced_accuracy"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_output_unpacks_as_logits_and_attention():
+    head = GatedABMIL(8, 2, hidden=4)
+    logits, attention = head(torch.randn(5, 8))
+    assert logits.shape == (2,) and attention.shape == (5,)
+    assert head(torch.randn(5, 8)).embedding.shape == (8,)

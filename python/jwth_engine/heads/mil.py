@@ -1,8 +1,8 @@
 """Slide heads: readable PyTorch reference modules that reduce a bag of tile embeddings to a slide.
 
 Every module takes one bag `[N, D]` (N tiles of one slide, any N >= 1, no padding) and returns
-`SlideHeadOutput(logits [C], attention [N], embedding [D])`, which unpacks as `(logits, attention,
-embedding)`. `attention` is each tile's weight in the slide embedding (it sums to 1 for the
+`SlideHeadOutput(logits [C], attention [N])`, which unpacks as `(logits, attention)` and carries the
+pooled slide vector as `.embedding` [D]. `attention` is each tile's weight in the slide embedding (it sums to 1 for the
 attention heads and mean pooling), so it can be shown per tile next to the tile scores.
 
 Gated attention MIL (Ilse, Tomczak, Welling, "Attention-based Deep Multiple Instance Learning",
@@ -40,10 +40,18 @@ from torch import nn
 CHUNK = 8192
 
 
-class SlideHeadOutput(NamedTuple):
+class _LogitsAttention(NamedTuple):
     logits: torch.Tensor       # [C]
     attention: torch.Tensor    # [N]
-    embedding: torch.Tensor    # [D], the pooled slide vector the classifier sees
+
+
+class SlideHeadOutput(_LogitsAttention):
+    """Unpacks as `(logits, attention)`; `.embedding` [D] is the pooled vector the classifier sees."""
+
+    def __new__(cls, logits: torch.Tensor, attention: torch.Tensor, embedding: torch.Tensor):
+        out = super().__new__(cls, logits, attention)
+        out.embedding = embedding
+        return out
 
 
 def _check_bag(bag: torch.Tensor, dim: int) -> None:
