@@ -69,8 +69,9 @@ def describe_difference(old: dict, new: dict) -> str:
             return value[:12]
         return "none" if value is None else value
 
-    parts = [f"{k} {show(old.get(k))} -> {show(new.get(k))}" for k in IDENTITY_KEYS
-             if old.get(k) != new.get(k)]
+    # Keys past IDENTITY_KEYS come from a job's own identity (embed's feature kinds).
+    keys = IDENTITY_KEYS + tuple(sorted((set(old) | set(new)) - set(IDENTITY_KEYS)))
+    parts = [f"{k} {show(old.get(k))} -> {show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(parts) or "same"
 
 
