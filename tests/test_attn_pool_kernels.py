@@ -31,6 +31,8 @@ from jwth_engine import _native
 from jwth_engine.heads.native import NativeHead, ReferenceHead, make_head_runner
 from jwth_engine.heads.reference import JwthPoolingHead, LinearProbeHead
 
+from _gpu import gpu_skip
+
 C_ = _native.load()
 
 #        D,    P,   H,  R,  B, C
@@ -130,9 +132,9 @@ def check_against_reference(case, dtype, device, seed=0):
 
 def require_cuda():
     if not C_.cuda_compiled():
-        pytest.skip("jwth_engine._C was built without CUDA")
+        gpu_skip("jwth_engine._C was built without CUDA")
     if not torch.cuda.is_available() or C_.cuda_device_count() == 0:
-        pytest.skip("no CUDA GPU on this machine (kernels are compiled, not run)")
+        gpu_skip("no CUDA GPU on this machine (kernels are compiled, not run)")
 
 
 # ---- CPU -------------------------------------------------------------------------------------------

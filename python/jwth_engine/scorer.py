@@ -113,7 +113,8 @@ def load_scoring_model(*, model: str | None = None, weights: str | None = None, 
     """Head file (or a seeded random head), preset, weights, backend; every problem a ConfigError,
     ModelError or BackendUnavailable with one line. Warnings (random weights or head) are kept in
     `notes` for the summary and logged."""
-    from .backends import select_backend
+    from .backends import resolve_device, select_backend
+    from .backends.null_backend import NULL_NOTE, NullBackend, null_backbone
     from .heads import check_head_matches_backbone, load_head, random_head
     from .heads.native import make_head_runner
     from .models import get_preset, load_backbone
@@ -130,9 +131,12 @@ def load_scoring_model(*, model: str | None = None, weights: str | None = None, 
         # The backbone's position embedding (and an exported engine) is fixed to its input size.
         raise ConfigError(f"--tile-size {tile_size} does not match preset {preset.name}'s input size "
                           f"{preset.input_size}; use --tile-size {preset.input_size} or a preset of that size")
+    null = backend == "null"
+    if null and weights:
+        raise ConfigError("--backend null runs no backbone; --weights cannot be used with it")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        backbone = load_backbone(preset.name, weights, seed=seed)
+        backbone = null_backbone(preset) if null else load_backbone(preset.name, weights, seed=seed)
         if loaded_head is None:
             loaded_head = random_head(
                 pooling or "jwth", dim=backbone.embed_dim, num_prefix_tokens=backbone.num_prefix_tokens,
@@ -149,8 +153,13 @@ def load_scoring_model(*, model: str | None = None, weights: str | None = None, 
         loaded_head, preset=preset.name, dim=backbone.embed_dim,
         num_prefix_tokens=backbone.num_prefix_tokens, weights_hash=backbone.weights_hash,
     )
-    chosen = select_backend(backbone, backend=backend, device=device, precision=precision,
-                            max_batch=batch_size, compile=compile, log=announce or backend_log.info)
+    if null:
+        notes += backbone.notes
+        chosen = NullBackend(backbone, resolve_device(device)[0], max_batch=batch_size, seed=seed)
+        (announce or backend_log.info)(f"backbone backend: null on {chosen.device} ({NULL_NOTE})")
+    else:
+        chosen = select_backend(backbone, backend=backend, device=device, precision=precision,
+                                max_batch=batch_size, compile=compile, log=announce or backend_log.info)
     runner = make_head_runner(loaded_head.module).to(chosen.device)
     return ScoringModel(preset, backbone, loaded_head, chosen, runner, tile_size, target_mpp, notes,
                         time.perf_counter() - t)

@@ -6,12 +6,15 @@ import click
 
 POOLINGS = ["jwth", "linear-probe"]
 DEVICES = ["auto", "cpu", "cuda"]
-BACKENDS = ["auto", "torch", "onnxruntime", "tensorrt"]
+BACKENDS = ["auto", "torch", "onnxruntime", "tensorrt", "null"]
 PRECISIONS = ["auto", "fp32", "bf16", "fp16", "fp8"]
 
 
-def model_options(func):
-    """Backbone, head and runtime options."""
+def model_options(func=None, *, poolings: tuple[str, ...] = tuple(POOLINGS)):
+    """Backbone, head and runtime options (`@model_options`, or `@model_options(poolings=...)` for a
+    command that accepts more --pooling values)."""
+    if func is None:
+        return lambda f: model_options(f, poolings=poolings)
     decorators = [
         click.option("--model", default=None, metavar="PRESET|FILE.json",
                       help="Backbone preset name or preset JSON (default: the head's preset, else jwth_vitl14_reg4). "
@@ -20,11 +23,12 @@ def model_options(func):
                      help="Backbone checkpoint (.safetensors, or .pt/.pth/.bin loaded with weights_only)."),
         click.option("--head", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Head file (.safetensors from fit-head). Without it a random head is used."),
-        click.option("--pooling", type=click.Choice(POOLINGS), default=None,
+        click.option("--pooling", type=click.Choice(list(poolings)), default=None,
                      help="Head kind when no --head is given (default jwth)."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                     help="Backbone runtime; auto = TensorRT with a GPU when installed, else torch."),
+                     help="Backbone runtime; auto = TensorRT with a GPU when installed, else torch; "
+                          "null = no backbone (fixed tokens; feed-rate benchmarks only, scores meaningless)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                      help="auto = bf16 (GPU and CPU); fp32 forces full precision."),
         click.option("--no-compile", "no_compile", is_flag=True,
