@@ -137,3 +137,16 @@ def write_result(path: str | os.PathLike, data: dict) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def add_dry_run(parser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="parse the arguments, print what would run, write nothing (gpu_check.sh --dry-run)")
+
+
+def dry_run_exit(args) -> None:
+    """With --dry-run: the arguments parsed (so every flag a caller uses still exists); exit 0."""
+    if getattr(args, "dry_run", False):
+        shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "dry_run"}
+        print(f"dry run: {Path(sys.argv[0]).name} {json.dumps(shown, default=str)}")
+        raise SystemExit(0)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import finish, provenance, spread, verdict, write_result  # noqa: E402
+from _provenance import add_dry_run, dry_run_exit, finish, provenance, spread, verdict, write_result  # noqa: E402
 
 from jwth_engine import _native  # noqa: E402
 from jwth_engine.heads.native import NativeHead  # noqa: E402
@@ -258,7 +258,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch and native threads (default: all cores)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch_compile_folded")
     parser.add_argument("--out", type=Path, default=None)
+    add_dry_run(parser)
     args = parser.parse_args(argv)
+    dry_run_exit(args)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
