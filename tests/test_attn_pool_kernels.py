@@ -160,6 +160,28 @@ def test_cpu_every_isa(case):
         C_.set_cpu_isa(previous)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("case", [(1024, 256, 8, 4, 1, 2), (776, 97, 8, 2, 2, 3), (384, 33, 16, 0, 3, 2),
+                                  (64, 1, 2, 1, 1, 2)], ids=case_id)
+def test_cpu_split_token_pass(case, threads):
+    """Fewer tiles than threads: each tile's tokens are split into runs whose softmax states are
+    merged after (uneven runs, more threads than chunks, a single token): still the reference."""
+    D, P, H, R, B, C = case
+    head = make_head(D, C, H, R)
+    tokens = make_tokens(B, 1 + R + P, D)
+    with torch.no_grad():
+        ref = head(tokens, need_attn=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = NativeHead(head)(tokens.float(), need_attn=True, need_pooled=True)
+    finally:
+        torch.set_num_threads(previous)
+    errors = {name: rel(getattr(out, name), getattr(ref, name)) for name in ("logits", "pooled", "attn")}
+    assert all(e <= TOL["cpu"] for e in errors.values()), (case_id(case), threads, errors)
+    assert (out.attn.double().sum(-1) - 1).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_working_precision(dtype):
     """Half-precision tokens: the kernel adds no error beyond what rounding the tokens causes."""
