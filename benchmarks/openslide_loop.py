@@ -29,13 +29,14 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 def tile_grid(path: str, *, mpp: float | None, model: str, min_tissue: float) -> dict:
     """The tiles the engine would score: level, read size, tile size and level-0 coordinates."""
+    from jwth_engine.config import RunConfig
     from jwth_engine.models import get_preset
-    from jwth_engine.scorer import open_for_scoring
+    from jwth_engine.scoring import open_for_scoring
     from jwth_engine.tiling import plan_tiles
     from jwth_engine.tissue import detect_tissue
 
     preset = get_preset(model)
-    slide, slide_mpp = open_for_scoring(path, mpp=mpp)
+    slide, slide_mpp = open_for_scoring(path, RunConfig.from_kwargs(mpp=mpp))
     try:
         tissue = detect_tissue(slide, mpp=slide_mpp)
         grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=preset.native_mpp, tile_size=preset.input_size,

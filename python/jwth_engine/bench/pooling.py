@@ -1,4 +1,5 @@
 """`jwth-engine bench SLIDE --pooling both`: the latency JWTH pooling adds over a linear probe.
+Above `pipeline/` and `scoring/` like slide.py: it measures them.
 
 Two measurements on the slide's own tissue tiles, with one backbone and two heads (the JWTH head
 and a linear probe on the same tokens):
@@ -24,10 +25,17 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .bench import latency_ms, machine_info, versions
-from .prefetch import TilePrefetcher
-from .stages import ModelStage, synchronize
-from .streaming import run_streaming
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..heads import random_head
+from ..heads.native import make_head_runner
+from ..pipeline import ModelStage, TilePrefetcher, run_streaming
+from ..pipeline.stages import synchronize
+from ..runtime import library_versions, machine
+from ..scoring import load_scoring_model, open_for_scoring
+from ..tiling import plan_tiles
+from ..tissue import detect_tissue
+from .slide import latency_ms
 
 POOLING_SCHEMA = "jwth-engine/bench-pooling/v1"
 CONFIGS = ("jwth", "linear-probe")
@@ -122,23 +130,17 @@ def end_to_end(slide, grid, stages: dict[str, ModelStage], *, batch_size: int, n
     return out
 
 
-def bench_pooling(path: str, *, model: str | None = None, weights: str | None = None, backend: str = "auto",
-                  device: str = "auto", precision: str = "auto", batch_size: int = 32, num_workers: int = 2,
-                  prefetch: int = 2, reader: str = "auto", mpp: float | None = None, tile_size: int | None = None,
-                  target_mpp: float | None = None, min_tissue: float = 0.25, repeats: int = 3,
-                  compile: bool | None = None, seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    from ..errors import ConfigError
-    from ..heads import random_head
-    from ..heads.native import make_head_runner
-    from ..scorer import load_scoring_model, open_for_scoring
-    from ..tiling import plan_tiles
-    from ..tissue import detect_tissue
-
+def bench_pooling(path: str, config: RunConfig, *, prefetch: int = 2, repeats: int = 3,
+                  log: Callable[[str], None] = print) -> dict:
+    """`config` must describe a JWTH head (pooling jwth, no head file): the probe is built beside it."""
     if repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
-    loaded = load_scoring_model(model=model, weights=weights, pooling="jwth", backend=backend, device=device,
-                                precision=precision, batch_size=batch_size, compile=compile, seed=seed,
-                                tile_size=tile_size, target_mpp=target_mpp, announce=log)
+        raise ConfigError(f"repeats must be >= 1, got {repeats}", field="repeats")
+    if config.model.head or config.model.pooling not in (None, "jwth"):
+        raise ConfigError("--pooling both builds a random JWTH head and a random linear probe itself; "
+                          "drop --head", field="pooling")
+    batch_size, num_workers = config.runtime.batch_size, config.runtime.num_workers
+    min_tissue, seed = config.tiling.min_tissue, config.model.seed
+    loaded = load_scoring_model(config, announce=log)
     jwth = loaded.head
     probe = random_head("linear-probe", dim=jwth.meta.dim, num_prefix_tokens=jwth.meta.num_prefix_tokens,
                         classes=list(jwth.meta.classes), num_heads=0, backbone_preset=jwth.meta.backbone_preset,
@@ -148,14 +150,15 @@ def bench_pooling(path: str, *, model: str | None = None, weights: str | None = 
     stages = {"jwth": loaded.stage(),
               "linear-probe": ModelStage(loaded.backend, make_head_runner(probe.module).to(dev), loaded.tile_size,
                                          loaded.preset.mean, loaded.preset.std)}
-    slide, slide_mpp = open_for_scoring(path, reader=reader, mpp=mpp)
+    slide, slide_mpp = open_for_scoring(path, config)
     try:
         tissue = detect_tissue(slide, mpp=slide_mpp)
         grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=loaded.target_mpp, tile_size=loaded.tile_size,
                           tissue=tissue, min_tissue=min_tissue)
         n = len(grid.coords)
         if n == 0:
-            raise ConfigError(f"{path}: no tile reaches --min-tissue {min_tissue}; nothing to benchmark")
+            raise ConfigError(f"{path}: no tile reaches min_tissue {min_tissue}; nothing to benchmark",
+                              field="min_tissue")
         log(f"{n} tiles; per-batch latency of both heads on the same tokens")
         per_batch = per_batch_latency(slide, grid, stages, batch_size=batch_size, num_workers=num_workers,
                                       prefetch=prefetch)
@@ -165,7 +168,7 @@ def bench_pooling(path: str, *, model: str | None = None, weights: str | None = 
     finally:
         slide.close()
     return {"schema": POOLING_SCHEMA, "slide": os.fspath(path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_info(), "versions": versions(),
+            "machine": machine(), "versions": library_versions("cucim"),
             "config": {"model": loaded.preset.name, "backend": loaded.backend.describe(), "device": str(dev),
                        "batch_size": batch_size, "num_workers": num_workers, "repeats": repeats,
                        "heads": {"jwth": {"num_heads": jwth.meta.num_heads,
