@@ -79,7 +79,8 @@ def feed_case(name: str, path: str, extra: list[str], args, log) -> dict:
         from openslide_loop import measure
 
         mpp = float(extra[extra.index("--mpp") + 1]) if "--mpp" in extra else None
-        loop = measure(path, mpp=mpp, model=args.model, processes=n_cores, passes=args.repeats)
+        loop = measure(path, mpp=mpp, model=args.model, processes=n_cores, passes=args.repeats,
+                       max_tiles=args.openslide_tiles)
         out["openslide_loop"] = loop
         out["feed_vs_openslide_loop"] = round(out["feed_tiles_per_s"]["median"] / loop["tiles_per_s"]["median"], 2)
     log(f"{name}: {per_core['median']} tiles/s per core [{per_core['min']}-{per_core['max']}]")
@@ -110,11 +111,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=["cmu", "tcga", "synthetic40x"],
                         choices=["cmu", "tcga", "synthetic40x"])
-    parser.add_argument("--width", type=int, default=40_000, help="synthetic 40x slide, level-0 px")
-    parser.add_argument("--height", type=int, default=30_000)
+    parser.add_argument("--width", type=int, default=30_000, help="synthetic 40x slide, level-0 px")
+    parser.add_argument("--height", type=int, default=22_000)
     parser.add_argument("--fraction", type=float, default=0.3, help="synthetic slide's tissue fraction")
     parser.add_argument("--decode-heavy", action="store_true")
     parser.add_argument("--no-openslide", action="store_true")
+    parser.add_argument("--openslide-tiles", type=int, default=256,
+                        help="the OpenSlide loop reads an evenly spaced subset of at most this many tiles")
     parser.add_argument("--tmp", default=None)
     parser.add_argument("--out", default=str(HERE / "results" / "feed_cpu.json"))
     add_dry_run(parser)
