@@ -17,6 +17,7 @@ from jwth_engine.errors import BackendUnavailable, ConfigError
 from jwth_engine.heads.reference import JwthPoolingHead
 
 from _backbones import lively_backbone
+from _gpu import gpu_skip
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 NO_TRT = (False, "not installed (tensorrt): pip install 'jwth-engine[tensorrt]'")
@@ -167,7 +168,7 @@ def test_onnxruntime_backend_rejects_low_precision(tmp_path):
 @pytest.fixture
 def cuda_device():
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch")
+        gpu_skip("no CUDA GPU visible to torch")
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -193,7 +194,7 @@ def test_onnxruntime_cuda_io_binding(cuda_device, tmp_path):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)")
+        gpu_skip("onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)")
     backbone = lively_backbone()
     backend = select_backend(backbone, backend="onnxruntime", device="cuda", cache_dir=str(tmp_path),
                              log=lambda m: None)

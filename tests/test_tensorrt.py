@@ -19,6 +19,7 @@ from jwth_engine.cli.export import build_engine as build_engine_command
 from jwth_engine.errors import BackendUnavailable, ConfigError
 
 from _backbones import lively_backbone
+from _gpu import gpu_skip
 
 
 KEY_ARGS = dict(precision="bf16", max_batch=64, gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
@@ -94,9 +95,9 @@ def test_fp8_without_modelopt_is_explained(monkeypatch, tmp_path):
 def trt_gpu():
     ok, detail = trt_backend.tensorrt_status()
     if not ok:
-        pytest.skip(f"tensorrt not usable here: {detail}")
+        gpu_skip(f"tensorrt not usable here: {detail}")
     if not torch.cuda.is_available():
-        pytest.skip("TensorRT tests need a CUDA GPU; torch sees none")
+        gpu_skip("TensorRT tests need a CUDA GPU; torch sees none")
     return torch.device("cuda", torch.cuda.current_device())
 
 

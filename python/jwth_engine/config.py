@@ -35,7 +35,7 @@ DEFAULT_CLASSES = ("negative", "positive")
 
 POOLINGS = ("jwth", "linear-probe")
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "null")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
 READERS = ("auto", "cucim", "openslide")
 
@@ -137,7 +137,8 @@ class RuntimeConfig(_Group):
 
     device: str = setting("auto", choices=DEVICES)
     backend: str = setting("auto", choices=BACKENDS,
-                           help="Backbone runtime; auto = TensorRT with a GPU when installed, else torch.")
+                           help="Backbone runtime; auto = TensorRT with a GPU when installed, else torch; null = no "
+                                "backbone (fixed tokens: feed-rate benchmarks only, scores meaningless).")
     precision: str = setting("auto", choices=PRECISIONS, help="auto = bf16 (GPU and CPU); fp32 forces full precision.")
     compile: bool | None = setting(None, kind=bool, negate_flag="--no-compile",
                                    help="Disable torch.compile / CUDA graphs in the torch backend.")

@@ -8,7 +8,7 @@ Rules (the reason is logged and returned by `describe()["reason"]`, i.e. written
            tensorrt    needs tensorrt >= 10 and a CUDA GPU; the engine is taken from the cache or
                        built once (minutes, with progress messages).
   precision auto       GPU: bf16. CPU + torch: bf16 on CPUs with native bf16 dot products
-                       (AVX512-BF16 or AMX; ~2.9x fp32 there, token error ~0.1-0.3 %), else fp32
+                       (AVX512-BF16 or AMX; speed and token error: benchmarks/results/backbones_cpu.json), else fp32
                        (emulated bf16 is slower than fp32). ONNX Runtime: fp32.
            fp32        forces full precision everywhere (the reference numerics).
 
@@ -125,8 +125,8 @@ def choose_precision(backend: str, device: torch.device, requested: str, *,
         return "bf16", "auto: bf16 on the GPU (fp32 accumulation and norms)"
     native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
     if native:
-        return "bf16", ("auto: bf16 autocast, the CPU has native bf16 dot products (~2.9x fp32, "
-                        "token error ~0.1-0.3 %; --precision fp32 for the reference)")
+        return "bf16", ("auto: bf16 autocast, the CPU has native bf16 dot products "
+                        "(--precision fp32 for the reference)")
     return "fp32", "auto: fp32, the CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is slower"
 
 

@@ -42,16 +42,27 @@ class ScreenReport:
     config_hash: str
     scheduled: int
     skipped: int
-    done: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)          # scored and no-tissue slides alike
+    no_tissue: list[str] = field(default_factory=list)     # done, but no tile reached --min-tissue
     failed: dict[str, str] = field(default_factory=dict)
+    tiles_scored: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     interrupted: bool = False
 
     @property
+    def scored(self) -> int:
+        return len(self.done) - len(self.no_tissue)
+
+    @property
     def slides_per_hour(self) -> float | None:
-        finished = len(self.done) + len(self.failed)
-        return finished / self.seconds * 3600 if finished and self.seconds > 0 else None
+        """Scored slides per hour of this run's wall time: failures and no-tissue slides take
+        time but are not throughput (they are reported beside it)."""
+        return self.scored / self.seconds * 3600 if self.scored and self.seconds > 0 else None
+
+    @property
+    def tiles_per_second(self) -> float | None:
+        return self.tiles_scored / self.seconds if self.tiles_scored and self.seconds > 0 else None
 
 
 def recover(ledger: Ledger, layout: ScreenLayout) -> list[str]:
@@ -312,6 +323,10 @@ class _Driver:
         self.ledger.mark_done(sid)
         del self.in_flight[sid]
         self.report.done.append(sid)
+        if summary.get("status") == "scored":
+            self.report.tiles_scored += int(summary["tiles"]["scored"])
+        else:
+            self.report.no_tissue.append(sid)
         detail = f"{summary['tiles']['scored']} tiles" if summary.get("status") == "scored" else "no tissue"
         self.display.slide_done(sid, outcome.get("seconds"), detail)
         self.results.changed()
