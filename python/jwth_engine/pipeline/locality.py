@@ -33,6 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..config import RuntimeConfig
 from ..slide.base import WHITE, level_to_level0
 
 # Units are grown to at least this many level pixels per side (in whole stored tiles) when stored
@@ -116,7 +117,8 @@ class GridReader:
     `Slide.read_regions`).
     """
 
-    def __init__(self, slide, grid, *, num_workers: int = 2, locality: str = "auto", decode=None):
+    def __init__(self, slide, grid, *, num_workers: int = RuntimeConfig.num_workers, locality: str = "auto",
+                 decode=None):
         """`decode`: a slide.decoding.RawDecodeChoice; with a TileDecoder in it, decode units are
         the level's stored tiles, decoded in batches from their raw bytes (whatever `locality`)."""
         self.slide = slide

@@ -12,8 +12,8 @@ With `--decode gpu` the reader thread decodes and cuts tiles on the GPU (its own
 per batch); the upload thread then only waits for that event and preprocesses the device buffer in
 place: no host buffer, no copy.
 
-On the CPU there is no upload thread: the main thread preprocesses (one fused native pass, ~1 %
-of the backbone's time) and runs the model while the reader decodes the next batches.
+On the CPU there is no upload thread: the main thread preprocesses (one fused native pass, small
+beside the backbone: `bench` times it) and runs the model while the reader decodes the next batches.
 
 Memory: `prefetch + 2` uint8 batch buffers (+1 on a GPU), two device batches and the decode units
 the read plan holds (a few stored-tile rows of the tissue's width): nothing grows with the number
@@ -38,6 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..config import RuntimeConfig
 from ..tiling import TileGrid
 from .memory import HeapTrimmer
 from .prefetch import TilePrefetcher, _END, _Failure
@@ -76,7 +77,7 @@ class PipelineStats:
 
 
 def run_streaming(slide, grid: TileGrid, model: ModelStage, *, batch_size: int,
-                  num_workers: int = 2, prefetch: int = 2,
+                  num_workers: int = RuntimeConfig.num_workers, prefetch: int = 2,
                   progress: Callable[[int], None] | None = None,
                   locality: str = "auto", prefetcher: TilePrefetcher | None = None,
                   stats: PipelineStats | None = None, nice: int = 0, decode=None) -> tuple[np.ndarray, dict]:
