@@ -32,7 +32,7 @@ from ..outputs.atomic import atomic_path, remove_stale_temps, sha256_file
 from ..outputs.features_h5 import FeaturesH5Writer, read_features_h5
 from ..scoring import ScoreResult, SlideScorer, check_out_dir, open_for_scoring
 from .coords import coords_file_for, grid_from_coords, read_coords_file
-from .features import FeatureObserver, kind_dim, parse_kinds
+from ..pipeline.features import FeatureObserver, kind_dim, parse_kinds
 
 EMBED_JOB = "jwth_engine.embed.run:EmbedJob"
 

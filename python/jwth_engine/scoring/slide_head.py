@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ModelError
 from ..heads.slide_io import LoadedSlideHead, check_features_match, load_slide_head
-from ..embed.features import FeatureBuffer, FeatureObserver, kind_dim
+from ..pipeline.features import FeatureBuffer, FeatureObserver, kind_dim
 
 ATTENTION_COLUMN = "slide_attention"
 
