@@ -52,14 +52,14 @@ def test_auto_prefers_tensorrt_only_with_a_gpu():
 
 
 def test_unavailable_backends_say_what_to_install():
-    with pytest.raises(BackendUnavailable, match=r"--backend tensorrt: tensorrt is not installed.*pip install"):
+    with pytest.raises(BackendUnavailable, match=r"^backend tensorrt: tensorrt is not installed.*pip install"):
         choose_backend("tensorrt", CUDA, tensorrt=NO_TRT, onnxruntime=ORT)
     with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
         choose_backend("tensorrt", CPU, tensorrt=TRT, onnxruntime=ORT)
     with pytest.raises(BackendUnavailable, match="onnxruntime is not installed.*pip install onnxruntime"):
         choose_backend("onnxruntime", CPU, tensorrt=NO_TRT,
                        onnxruntime=(False, "not installed (onnxruntime): pip install onnxruntime"))
-    with pytest.raises(ConfigError, match="--backend 'jax'"):
+    with pytest.raises(ConfigError, match="^backend 'jax'"):
         choose_backend("jax", CPU, tensorrt=NO_TRT, onnxruntime=ORT)
 
 
@@ -90,9 +90,9 @@ def test_select_on_this_machine_logs_the_choice(monkeypatch):
     info = backend.describe()
     assert info["reason"] in messages[0] and info["name"] == "torch" and not info["compiled"]
     json.dumps(info)  # goes into the slide summary
-    with pytest.raises(BackendUnavailable, match="--device cuda: torch sees no CUDA GPU"):
+    with pytest.raises(BackendUnavailable, match="^device cuda: torch sees no CUDA GPU"):
         select_backend(lively_backbone(), device="cuda", log=messages.append)
-    with pytest.raises(BackendUnavailable, match="--backend tensorrt"):
+    with pytest.raises(BackendUnavailable, match="^backend tensorrt"):
         select_backend(lively_backbone(), backend="tensorrt", log=messages.append)
 
 

@@ -73,7 +73,7 @@ def test_missing_tensorrt_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)       # import tensorrt -> ImportError
     ok, detail = trt_backend.tensorrt_status()
     assert not ok and "pip install 'jwth-engine[tensorrt]'" in detail
-    with pytest.raises(BackendUnavailable, match=r"--backend tensorrt: tensorrt is not installed.*pip install"):
+    with pytest.raises(BackendUnavailable, match=r"^backend tensorrt: tensorrt is not installed.*pip install"):
         select_backend(lively_backbone(), backend="tensorrt", log=lambda m: None)
     with pytest.raises(BackendUnavailable, match="build-engine: tensorrt is not installed"):
         trt_backend.build_engine(lively_backbone(), precision="fp16", max_batch=4)

@@ -184,6 +184,28 @@ class TrainingConfig(_Group):
     val_fraction: float = setting(0.2, min=0.0, max=0.9, help="Share of each class held out for validation.")
 
 
+@dataclass(frozen=True)
+class SlideTrainingConfig(_Group):
+    """`fit-slide-head` only: how a slide head is trained on per-slide feature files (heads/fit_slide.py)."""
+
+    head: str = setting("abmil", choices=("abmil", "wsc", "mean", "max"),
+                        help="Slide head: gated attention MIL, Whole Slide Concepts reducer, mean or max pooling.")
+    hidden: int = setting(128, min=1, help="Width of the attention MLP (abmil, wsc).")
+    num_heads: int = setting(4, min=1, help="Attention heads of the wsc reducer.")
+    dropout: float = setting(0.25, min=0.0, max=0.9)
+    lr: float = setting(2e-4, min=0.0, min_exclusive=True, help="AdamW learning rate.")
+    weight_decay: float = setting(1e-4, min=0.0)
+    epochs: int = setting(50, min=1, help="Most epochs (early stopping may end sooner).")
+    patience: int = setting(10, min=1, help="Stop after this many epochs without a better validation balanced accuracy.")
+    bags_per_step: int = setting(1, min=1, help="Bags whose gradients are summed per optimiser step.")
+    val_fraction: float = setting(0.2, min=0.0, max=0.9,
+                                  help="Share of each class's patients held out for early stopping (no `split` column).")
+    folds: int | None = setting(None, kind=int, min=2, help="K-fold cross-validation by patient.")
+    seed: int = setting(0, help="Seed of initialisation, shuffling and splits.")
+    cache_gb: float = setting(8.0, min=0.0, help="Keep the bags in memory when they fit in this much; "
+                                                 "else read each bag when needed.")
+
+
 GROUPS: dict[str, type] = {"model": ModelConfig, "runtime": RuntimeConfig, "tiling": TilingConfig,
                            "aggregation": AggregationConfig, "output": OutputConfig}
 
@@ -231,6 +253,15 @@ class RunConfig:
             grouped[FIELD_GROUP[key]][key] = value
         return cls(**{name: GROUPS[name](**values) for name, values in grouped.items()})
 
+    @classmethod
+    def given(cls, config: "RunConfig | None", settings: Mapping) -> "RunConfig":
+        """How the API's entry points take settings: a RunConfig, or its fields as keyword arguments."""
+        if config is None:
+            return cls.from_kwargs(**settings)
+        if settings:
+            raise ConfigError(f"pass either config or settings, not both (got {', '.join(sorted(settings))})")
+        return config
+
     def with_values(self, **kwargs) -> "RunConfig":
         """A copy with some fields changed (checked like any other)."""
         unknown = sorted(set(kwargs) - set(FIELD_GROUP))
@@ -274,18 +305,27 @@ class RunConfig:
             return self.model.model
         return _meta(head_meta, "backbone_preset") or DEFAULT_PRESET
 
+    def needs_preset(self, head_meta=None) -> bool:
+        """Whether `resolve` needs the preset (a setting left to it by both the config and the head)."""
+        return not ((self.tiling.tile_size or _meta(head_meta, "tile_size"))
+                    and (self.tiling.target_mpp or _meta(head_meta, "target_mpp")))
+
     def resolve(self, head_meta=None, preset=None) -> "ResolvedConfig":
         """Fill the file-dependent defaults. `head_meta`: the head file's metadata (HeadMeta or its
-        dict) or None; `preset`: the loaded preset (`name`, `input_size`, `native_mpp`)."""
+        dict) or None; `preset`: the loaded preset (`name`, `input_size`, `native_mpp`), which may
+        be None when `needs_preset` says so."""
         head_pooling = _meta(head_meta, "pooling")
         pooling = self.model.pooling
         if head_pooling is not None and pooling is not None and pooling != head_pooling:
             raise ConfigError(f"{self.model.head}: head file is a {head_pooling} head but pooling "
                               f"{pooling} was given", field="pooling")
+        if preset is None and self.needs_preset(head_meta):
+            raise ValueError("resolve: the preset is needed to fill tile_size / target_mpp")
         tile_size = self.tiling.tile_size or _meta(head_meta, "tile_size") or preset.input_size
         target_mpp = self.tiling.target_mpp or _meta(head_meta, "target_mpp") or preset.native_mpp
-        return ResolvedConfig(config=self, preset=preset.name, pooling=head_pooling or pooling or DEFAULT_POOLING,
-                              tile_size=int(tile_size), target_mpp=float(target_mpp))
+        return ResolvedConfig(config=self, preset=preset.name if preset is not None else self.model_name(head_meta),
+                              pooling=head_pooling or pooling or DEFAULT_POOLING, tile_size=int(tile_size),
+                              target_mpp=float(target_mpp))
 
 
 def _meta(head_meta, key: str):

@@ -59,10 +59,11 @@ class TorchBackend:
     def __init__(self, backbone, device: torch.device, precision: str = "fp32", *, compile: bool | None = None,
                  channels_last: bool | None = None, max_batch: int = 64, reason: str = ""):
         if precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision {precision}: the torch backend runs fp32, bf16 or fp16 "
-                              f"(fp8 needs --backend tensorrt)")
+            raise ConfigError(f"precision {precision}: the torch backend runs fp32, bf16 or fp16 "
+                              f"(fp8 needs --backend tensorrt)", field="precision")
         if device.type == "cpu" and precision == "fp16":
-            raise ConfigError("--precision fp16 on the CPU: use bf16 (fast on CPUs with AVX512-BF16/AMX) or fp32")
+            raise ConfigError("precision fp16 on the CPU: use bf16 (fast on CPUs with AVX512-BF16/AMX) or fp32",
+                              field="precision")
         self.backbone = backbone
         self.device = device
         self.precision = precision

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..config import RuntimeConfig
 from ..tiling import TileGrid
 from .memory import HeapTrimmer
 from .prefetch import TilePrefetcher, _END, _Failure
@@ -71,7 +72,7 @@ class PipelineStats:
 
 
 def run_streaming(slide, grid: TileGrid, model: ModelStage, *, batch_size: int,
-                  num_workers: int = 2, prefetch: int = 2,
+                  num_workers: int = RuntimeConfig.num_workers, prefetch: int = 2,
                   progress: Callable[[int], None] | None = None,
                   locality: str = "auto", prefetcher: TilePrefetcher | None = None,
                   stats: PipelineStats | None = None, nice: int = 0) -> tuple[np.ndarray, dict]:

@@ -51,10 +51,12 @@ class ScoringModel:
                           observers=tuple(observers), need_attn=need_attn, need_pooled=need_pooled)
 
 
-def load_scoring_model(config: RunConfig, *, announce: Callable[[str], None] | None = None) -> ScoringModel:
+def load_scoring_model(config: RunConfig | None = None, *, announce: Callable[[str], None] | None = None,
+                       **settings) -> ScoringModel:
     """Head file (or a seeded random head), preset, weights, backend; every problem a ConfigError,
     ModelError or BackendUnavailable with one line. Warnings (random weights or head) are kept in
-    `notes` for the summary and logged."""
+    `notes` for the summary and logged. Settings as `config` or as its keyword arguments."""
+    config = RunConfig.given(config, settings)
     t = time.perf_counter()
     notes: list[str] = []
     m = config.model

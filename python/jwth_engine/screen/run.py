@@ -157,16 +157,18 @@ def run_screen(
     results_interval_s: float = 5.0,
     argv: list[str] | None = None,
     pool_factory=None,
+    extra_identity: dict | None = None,
 ) -> ScreenReport:
     """Screen every slide of `source` into `out`; see `jwth-engine screen --help`."""
     t0 = time.monotonic()
     if gpus and ray_address:
-        raise ConfigError("--gpus is for local runs; on Ray each GPU of the cluster gets a worker "
-                          "(--device cpu for CPU workers)")
+        raise ConfigError("gpus is for local runs; on Ray each GPU of the cluster gets a worker "
+                          "(--device cpu for CPU workers)", field="gpus")
     if gpus and config.runtime.device == "cpu":
         raise ConfigError("gpus and device cpu contradict each other", field="gpus")
     sources = load_sources(source)
-    ident = identity(config)
+    # A job other than scoring (embed) adds what decides its own outputs to the folder's identity.
+    ident = {**identity(config), **(extra_identity or {})}
     current_hash = config_hash(ident)
 
     layout = ScreenLayout(out)
