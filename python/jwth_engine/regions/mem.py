@@ -165,7 +165,7 @@ def pretrain(seqs: torch.Tensor, layout: RegionLayout, cfg: PretrainConfig, *,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            total_loss += float(loss) * len(x)
+            total_loss += float(loss.detach()) * len(x)
         history.append(round(total_loss / len(train), 6))
         if log:
             log(f"epoch {epoch + 1}/{cfg.epochs}: MEM loss {history[-1]:.4f}")
