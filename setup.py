@@ -134,6 +134,7 @@ setup(
         "timm>=1.0.20",
         "safetensors",
         "pyarrow",
+        "h5py",
         "click>=8",
         "rich",
         "scikit-image",

@@ -195,9 +195,10 @@ class SlideScorer:
     def device(self):
         return self.model.backend.device
 
-    def prepare(self, path: str | os.PathLike, mpp: float | None = None, *, opened=None) -> PreparedSlide:
+    def prepare(self, path: str | os.PathLike, mpp: float | None = None, *, opened=None, plan=None) -> PreparedSlide:
         """Open the slide (or take `opened` = open_for_scoring's result), find its tissue, plan its
-        tiles and start decoding them in a thread."""
+        tiles and start decoding them in a thread. `plan(slide, slide_mpp=, tissue=)` replaces our
+        tiling (embed --coords: another tool's tiles)."""
         from .pipeline import TilePrefetcher
         from .tiling import plan_tiles
         from .tissue import detect_tissue
@@ -212,8 +213,11 @@ class SlideScorer:
             tissue = detect_tissue(slide, mpp=slide_mpp)
             timings["tissue"] = time.perf_counter() - t
             t = time.perf_counter()
-            grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=self.model.target_mpp,
-                              tile_size=self.model.tile_size, tissue=tissue, min_tissue=self.min_tissue)
+            if plan is None:
+                grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=self.model.target_mpp,
+                                  tile_size=self.model.tile_size, tissue=tissue, min_tissue=self.min_tissue)
+            else:
+                grid = plan(slide, slide_mpp=slide_mpp, tissue=tissue)
             timings["plan"] = time.perf_counter() - t
             prefetcher = None
             if len(grid.coords):
@@ -226,10 +230,12 @@ class SlideScorer:
 
     def finish(self, prepared: PreparedSlide, *, out: str | os.PathLike | None, name: str,
                progress: Callable[[int, int], None] | None = None, started: float | None = None,
-               observers=(), need_attn: bool = False, need_pooled: bool = False) -> ScoreResult:
+               observers=(), need_attn: bool = False, need_pooled: bool = False,
+               annotate: Callable[[object, dict], object] | None = None) -> ScoreResult:
         """Score the prepared slide; with `out`, write `<name>.tiles.parquet` then `<name>.summary.json`
         there, each atomically (a summary on disk means the slide finished). `observers` see every
-        batch's tokens and head output (embeddings, attention maps; see pipeline/stages.py)."""
+        batch's tokens and head output (embeddings, attention maps; see pipeline/stages.py);
+        `annotate(table, summary) -> table` adds what they produced before anything is written."""
         from .outputs import aggregate_scores, package_versions, remove_stale_temps, sha256_file
         from .outputs import tiles_table, write_summary_json, write_tiles_parquet
         from .pipeline import PipelineStats, run_streaming
@@ -305,6 +311,8 @@ class SlideScorer:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
+        if annotate is not None:
+            table = annotate(table, summary)
         tiles_path = summary_path = None
         if out_dir is not None:
             t = time.perf_counter()

@@ -43,6 +43,10 @@ class ScreenOptions:
     def score_kwargs(self) -> dict:
         return asdict(self)
 
+    def identity_extra(self) -> dict:
+        """Identity keys of a job other than scoring (embed's feature kinds); none for `screen`."""
+        return {}
+
 
 def _read_head_meta(path: Path) -> dict:
     """The JSON metadata of a head `.safetensors` file, read from its header (no torch needed)."""
@@ -104,6 +108,7 @@ def identity(options: ScreenOptions) -> dict:
         "precision": options.precision,
         # Only random weights or a random head depend on the seed.
         "seed": options.seed if not (options.weights and options.head) else None,
+        **options.identity_extra(),
     }
 
 
@@ -118,8 +123,8 @@ def describe_difference(old: dict, new: dict) -> str:
             return value[:12]
         return "none" if value is None else value
 
-    parts = [f"{k} {show(old.get(k))} -> {show(new.get(k))}" for k in IDENTITY_KEYS
-             if old.get(k) != new.get(k)]
+    keys = IDENTITY_KEYS + tuple(sorted((set(old) | set(new)) - set(IDENTITY_KEYS)))
+    parts = [f"{k} {show(old.get(k))} -> {show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(parts) or "same"
 
 
