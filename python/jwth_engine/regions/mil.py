@@ -37,7 +37,7 @@ def region_bags(encoder, features: Sequence[np.ndarray], kind: str, batch_size: 
     """[R, dim] per slide: the encoder's region embedding of every region."""
     bags = []
     encoder.eval()
-    with torch.inference_mode():
+    with torch.no_grad():   # not inference_mode: the bags are then trained on
         for seqs in features:
             x = torch.from_numpy(np.ascontiguousarray(seqs, np.float32))
             bags.append(torch.cat([encoder.region_embedding(x[s:s + batch_size], kind)

@@ -168,7 +168,8 @@ class RegionPlan:
 
 
 def _block_size(span0: int, downsample: float) -> int:
-    return max(1, round(span0 / downsample))
+    """Level pixels per side a region's block reads (the region's extent, widened to whole pixels)."""
+    return max(1, math.ceil(span0 / downsample) + 1)
 
 
 def plan_regions(slide, *, slide_mpp: float, layout: RegionLayout, tissue=None, min_tissue: float = 0.25) -> RegionPlan:
@@ -208,17 +209,18 @@ def plan_regions(slide, *, slide_mpp: float, layout: RegionLayout, tissue=None, 
                       fraction[keep], int(len(boxes)), (rows, cols), tuple(float(d) for d in info.level_downsamples))
 
 
-def _resample(block: np.ndarray, size: int) -> np.ndarray:
-    """Area-filter `block` (square HxWx3 uint8) to size x size."""
-    if block.shape[0] == size and block.shape[1] == size:
-        return block
+def _resample(block: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+    """Area-filter the sub-pixel `box` (left, top, right, bottom in block pixels) of `block` to size x size."""
     from PIL import Image
 
-    img = Image.fromarray(block)
-    factor = block.shape[0] / size
-    if factor == int(factor) and block.shape[1] == block.shape[0]:
-        return np.asarray(img.reduce(int(factor)))   # exact box mean, the fast path for 2x/4x
-    return np.asarray(img.resize((size, size), Image.Resampling.BOX, reducing_gap=None))
+    left, top, right, bottom = box
+    factor = (right - left) / size
+    if left == int(left) and top == int(top) and factor == int(factor) and (bottom - top) == (right - left):
+        crop = block[int(top):int(bottom), int(left):int(right)]
+        if factor == 1:
+            return crop
+        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).reduce(int(factor)))   # exact box mean, fast
+    return np.asarray(Image.fromarray(block).resize((size, size), Image.Resampling.BOX, box=box, reducing_gap=None))
 
 
 def _cut(image: np.ndarray, n: int, tile: int, out: np.ndarray) -> None:
@@ -227,7 +229,12 @@ def _cut(image: np.ndarray, n: int, tile: int, out: np.ndarray) -> None:
 
 
 def read_region_tiles(slide, plan: RegionPlan, index: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Every tile of region `index` in sequence order: uint8 [L, T, T, 3]."""
+    """Every tile of region `index` in sequence order: uint8 [L, T, T, 3].
+
+    Each level's block starts at the level pixel holding the region's corner and the region's exact
+    (sub-pixel) extent within it is what gets resampled, so levels with non-integer downsamples, or
+    region corners that fall between a coarse level's pixels, stay aligned with level 0.
+    """
     layout, T = plan.layout, plan.layout.tile_size
     if out is None:
         out = np.empty((layout.length, T, T, 3), np.uint8)
@@ -235,10 +242,12 @@ def read_region_tiles(slide, plan: RegionPlan, index: int, out: np.ndarray | Non
     starts = np.cumsum([0] + [r.tiles_per_side ** 2 for r in plan.reads])
     for level, members in plan.level_blocks():
         ds = plan.level_downsamples[level]
+        lx, ly = math.floor(x0 / ds), math.floor(y0 / ds)
         size = _block_size(plan.span0, ds)
-        location = (level_to_level0(round(x0 / ds), ds), level_to_level0(round(y0 / ds), ds))
-        block = slide.read_region(location, level, (size, size))
+        block = slide.read_region((level_to_level0(lx, ds), level_to_level0(ly, ds)), level, (size, size))
+        extent = plan.span0 / ds
+        box = (x0 / ds - lx, y0 / ds - ly, x0 / ds - lx + extent, y0 / ds - ly + extent)
         for i in members:
             n = plan.reads[i].tiles_per_side
-            _cut(_resample(block, n * T), n, T, out[starts[i]:starts[i + 1]])
+            _cut(_resample(block, box, n * T), n, T, out[starts[i]:starts[i + 1]])
     return out
