@@ -30,9 +30,14 @@ from .options import model_options, tiling_options
 @click.option("--retry-failed", is_flag=True, help="Embed slides that failed in an earlier run again.")
 @click.option("--reconfigure", is_flag=True, help="Accept options different from the ones DIR was embedded with.")
 @click.option("--progress/--no-progress", default=None, help="Progress display (default: on a terminal).")
+@click.option("--magnifications", default=None, metavar="M[,M..]",
+              help="Mixed-magnification regions (e.g. 5,10,20): writes region sequences to DIR/regions_<model>/ "
+                   "(see embed-regions).")
+@click.option("--region-tiles", type=click.IntRange(min=1), default=None,
+              help="Region side in tiles at the lowest magnification (with --magnifications; default 1).")
 def embed(source, out, features, coords, parquet, model, weights, head, pooling, device, backend, precision,
           no_compile, batch_size, num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, seed,
-          jobs, slide_timeout, retry_failed, reconfigure, progress):
+          jobs, slide_timeout, retry_failed, reconfigure, progress, magnifications, region_tiles):
     """Embed the tiles of SOURCE (a slide, a folder searched recursively, or a manifest CSV with a
     `path` column) with the backbone and write one HDF5 file per slide and feature kind. Many
     slides run like `screen`: crash-isolated workers, resumable, failures recorded per slide
@@ -40,6 +45,12 @@ def embed(source, out, features, coords, parquet, model, weights, head, pooling,
     from ..embed.run import EmbedOptions, check_embed_options
     from ..screen.config import absolute
 
+    if magnifications is not None or region_tiles is not None:
+        _embed_regions(source, out, magnifications or "5,10,20", region_tiles or 1, features=features,
+                       coords=coords, head=head, model=model, weights=weights, tile_size=tile_size, mpp=mpp,
+                       min_tissue=min_tissue, reader=reader, device=device, backend=backend, precision=precision,
+                       batch_size=batch_size, num_workers=num_workers, seed=seed)
+        return
     kinds = check_embed_options(features, head)
     options = EmbedOptions(
         model=absolute(model) if model and model.endswith(".json") and os.path.isfile(model) else model,
@@ -54,6 +65,27 @@ def embed(source, out, features, coords, parquet, model, weights, head, pooling,
     else:
         _embed_many(source, options, jobs=jobs, slide_timeout=slide_timeout, retry_failed=retry_failed,
                     reconfigure=reconfigure, progress=progress)
+
+
+def _embed_regions(source, out, magnifications, region_tiles, *, features, coords, head, model, **options) -> None:
+    """The region path (regions/): every tile of each tissue region at each magnification, class tokens."""
+    from ..errors import ConfigError
+    from ..scorer import DEFAULT_PRESET
+    from ..screen.sources import load_sources
+    from .embed_regions import run_region_embedding
+
+    if features != "cls" or coords or head:
+        raise ConfigError("--magnifications/--region-tiles embed class tokens on our region grid; "
+                          "--features other than cls, --coords and --head do not apply")
+    model = model or DEFAULT_PRESET
+    if os.path.isfile(source) and not source.lower().endswith(".csv"):
+        slides, mpps = [source], {}
+    else:
+        sources = load_sources(source)
+        slides, mpps = [s.path for s in sources], {s.path: s.mpp for s in sources if s.mpp is not None}
+    folder = os.path.join(out, f"regions_{os.path.splitext(os.path.basename(model))[0]}")
+    run_region_embedding(slides, folder, magnifications=magnifications, region_tiles=region_tiles, model=model,
+                         mpps=mpps, **options)
 
 
 def _embed_one(slide: str, options) -> None:

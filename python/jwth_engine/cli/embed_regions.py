@@ -55,6 +55,18 @@ def embed_regions(slides, out_dir, magnifications, region_tiles, model, weights,
                   device, backend, precision, batch_size, num_workers, seed, overwrite, print_json):
     """Embed every tile of every tissue region of each SLIDE at each magnification with a frozen backbone;
     writes DIR/<slide>.h5 (region sequences, coordinates, layout)."""
+    run_region_embedding(list(slides), out_dir, magnifications=magnifications, region_tiles=region_tiles, model=model,
+                         weights=weights, tile_size=tile_size, mpp=mpp, min_tissue=min_tissue, reader=reader,
+                         device=device, backend=backend, precision=precision, batch_size=batch_size,
+                         num_workers=num_workers, seed=seed, overwrite=overwrite, print_json=print_json)
+
+
+def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model, weights=None, tile_size=None,
+                         mpp=None, mpps=None, min_tissue=0.25, reader="auto", device="auto", backend="auto",
+                         precision="auto", batch_size=32, num_workers=2, seed=0, overwrite=False,
+                         print_json=False) -> None:
+    """The region path of `embed-regions` and of `embed --magnifications/--region-tiles`; `mpps`
+    gives per-slide MPPs (a manifest's), else `mpp` applies to all."""
     from ..models import get_preset
     from ..regions.extract import check_layout, extract_slide, output_path, prepare_slide
     from ..regions.planning import RegionLayout, parse_magnifications
@@ -71,7 +83,8 @@ def embed_regions(slides, out_dir, magnifications, region_tiles, model, weights,
         return
     loaded = None
     for s in todo:
-        prepared = prepare_slide(s, layout, mpp=mpp, reader=reader, min_tissue=min_tissue)
+        slide_mpp = (mpps or {}).get(s, mpp)
+        prepared = prepare_slide(s, layout, mpp=slide_mpp, reader=reader, min_tissue=min_tissue)
         if loaded is None:
             try:
                 backbone, stage = backbone_stage(model, weights, device=device, backend=backend,
@@ -92,6 +105,8 @@ def embed_regions(slides, out_dir, magnifications, region_tiles, model, weights,
         else:
             click.echo(f"{s}: {result.regions} regions x {layout.length} tiles ({layout.describe()}), "
                        f"{st.tiles} tiles embedded in {st.wall_s:.1f}s -> {result.path}")
+
+
 
 
 commands = [embed_regions]
