@@ -139,8 +139,8 @@ def _planted(n: int, layout: RegionLayout, dim: int = 32, seed: int = 0) -> torc
 def test_encoder_learns_planted_structure_far_better_than_the_mean():
     torch.set_num_threads(1)
     layout = RegionLayout(MAGS, 1, 224)
-    seqs = _planted(1500, layout)
-    cfg = PretrainConfig(epochs=25, batch_size=64, lr=2e-3, val_fraction=0.2, seed=0)
+    seqs = _planted(1000, layout)
+    cfg = PretrainConfig(epochs=15, batch_size=64, lr=2e-3, val_fraction=0.2, seed=0)
     model, report = pretrain(seqs, layout, cfg)
     val = report["val"]
     assert val["masked_cosine"] > 0.8
