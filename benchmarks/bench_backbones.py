@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -38,33 +37,27 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import torch
 
-from jwth_engine.pipeline.bench import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import add_dry_run, dry_run_exit, finish, provenance, write_result  # noqa: E402
+
+from jwth_engine import runtime  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("JWTH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def machine(device: torch.device) -> dict:
-    from importlib import metadata
-
-    from jwth_engine.backends.select import cpu_has_native_bf16
-
-    info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_native_bf16": cpu_has_native_bf16(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
+    info = {**runtime.machine(), "versions": runtime.library_versions("onnx", "onnxscript"),
             "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
-    for dist in ("timm", "onnxruntime", "onnx", "onnxscript", "tensorrt"):
-        try:
-            info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1), torch_cuda=torch.version.cuda)
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
     return info
 
 
@@ -293,11 +286,14 @@ def main() -> None:
     parser.add_argument("--slide", default=str(DATA / "wsi" / "aperio_svs" / "CMU-1-Small-Region.svs"),
                         help="slide for the end-to-end comparison ('' to skip)")
     parser.add_argument("--out", default=None)
+    add_dry_run(parser)
     args = parser.parse_args()
+    dry_run_exit(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    result = {"benchmark": "backbones", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {"benchmark": "backbones", "provenance": provenance(),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(device),
               "config": {"preset": args.preset, "batch": args.batch, "device": args.device, "threads": args.threads,
                          "repeats": args.repeats, "layerscale": args.layerscale,
@@ -323,7 +319,8 @@ def main() -> None:
     result["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"backbones_{device.type}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    finish(result["provenance"])
+    write_result(out, result)
     print(f"wrote {out}")
 
 

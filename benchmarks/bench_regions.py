@@ -34,7 +34,10 @@ sys.path.insert(0, str(REPO / "python"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from jwth_engine.pipeline.bench import machine_info, versions  # noqa: E402
+from jwth_engine.runtime import machine as machine_info  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _provenance import versions  # noqa: E402
 
 
 def git_state() -> dict:
@@ -80,7 +83,7 @@ def bench_regions(stage, path: str, mpp: float | None, layout, batch_size: int, 
 def embedding_suite(args, log) -> list[dict]:
     from jwth_engine.cli.embed_regions import backbone_stage
     from jwth_engine.regions.planning import RegionLayout
-    from jwth_engine.scorer import SlideScorer
+    from jwth_engine.scoring import SlideScorer
 
     scorer = SlideScorer(model=args.model, pooling="linear-probe", device="cpu", batch_size=args.batch_size,
                          min_tissue=args.min_tissue, num_workers=args.workers, precision=args.precision,
@@ -190,6 +193,7 @@ def main() -> None:
     result["embedding"] = [] if args.skip_embedding else embedding_suite(args, log)
     result["region_encoder"] = encoder_suite(args, log)
     result["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    result["machine"].setdefault("load_average", [round(v, 2) for v in os.getloadavg()])
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -95,3 +95,16 @@ def test_bad_files_are_one_line(tmp_path):
         fh["coords"] = np.zeros((3, 2), np.int64)
     with pytest.raises(ConfigError, match="coords_only.h5: not a features file"):
         read_features_h5(tmp_path / "coords_only.h5")
+
+
+def test_partial_edge_chunk_and_chunk_straddling_batches(tmp_path):
+    # D = 96 -> 2730 rows per chunk: 3000 rows leave an edge chunk of 270; batches of 37 straddle chunks.
+    feats, coords = _data(3000, 96, seed=4)
+    with FeaturesH5Writer(tmp_path / "s.h5", 3000, 96, coords, {}) as writer:
+        for start in range(0, 3000, 37):
+            writer.write(start, feats[start:start + 37])
+    with h5py.File(tmp_path / "s.h5", "r") as fh:
+        assert fh["features"].chunks == (2730, 96)
+    f2, c2 = clam_read(tmp_path / "s.h5")
+    np.testing.assert_array_equal(f2, feats)
+    np.testing.assert_array_equal(c2, coords)

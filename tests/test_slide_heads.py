@@ -150,3 +150,25 @@ def test_tile_head_file_is_not_a_slide_head(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path), metadata={"jwth_head": "{}"})
     with pytest.raises(ModelError, match="not a jwth-engine slide head"):
         load_slide_head(path)
+
+
+def test_metrics_by_hand():
+    from jwth_engine.heads.slide_metrics import binary_auroc, classification_report
+
+    # 3 positives x 3 negatives: pairs won 3 (0.9) + 2.5 (0.4, one tie) + 1 (0.2) = 6.5 of 9
+    pos = np.array([1, 1, 1, 0, 0, 0], bool)
+    score = np.array([0.9, 0.4, 0.2, 0.4, 0.1, 0.3])
+    assert binary_auroc(pos, score) == pytest.approx(6.5 / 9)
+    probs = np.stack([1 - score, score], 1)
+    rep = classification_report(pos.astype(int), probs, ["neg", "pos"])
+    # Predictions (p > 0.5): only the 0.9 tile is positive.
+    assert rep["confusion_matrix"] == [[3, 0], [2, 1]]
+    assert rep["per_class_recall"] == {"neg": 1.0, "pos": pytest.approx(1 / 3)}
+    assert rep["balanced_accuracy"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_output_unpacks_as_logits_and_attention():
+    head = GatedABMIL(8, 2, hidden=4)
+    logits, attention = head(torch.randn(5, 8))
+    assert logits.shape == (2,) and attention.shape == (5,)
+    assert head(torch.randn(5, 8)).embedding.shape == (8,)

@@ -11,17 +11,20 @@ import warnings
 
 import click
 
+from ..config import flag_of
 from ..errors import JwthError
 
 
 class _Group(click.Group):
-    """Turns JwthError into one line on stderr and its exit code, instead of a traceback."""
+    """Turns JwthError into one line on stderr and its exit code, instead of a traceback; a
+    setting named in the API's words (`batch_size`) is named by its flag (`--batch-size`)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except JwthError as exc:
-            click.echo(f"error: {exc}", err=True)
+            message = exc.cli_message(flag_of(exc.field)) if exc.field else str(exc)
+            click.echo(f"error: {message}", err=True)
             sys.exit(exc.exit_code)
 
 
@@ -44,12 +47,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _register() -> None:
-    from . import (bench, doctor, embed, embed_regions, export, fit_head, fit_region_head, info, pretrain_regions,
-                   score, screen)
+    from . import (bench, doctor, embed, embed_regions, export, fit_head, fit_region_head, fit_slide_head, info,
+                   pretrain_regions, score, screen)
 
     for command in (info.info, score.score, doctor.doctor, export.export_onnx, export.build_engine,
                     *bench.commands, *screen.commands, *fit_head.commands, *embed.commands,
-                    *embed_regions.commands, *pretrain_regions.commands, *fit_region_head.commands):
+                    *fit_slide_head.commands, *embed_regions.commands, *pretrain_regions.commands,
+                    *fit_region_head.commands):
         cli.add_command(command)
 
 

@@ -8,7 +8,7 @@ import warnings
 
 import click
 
-from .options import model_options, tiling_options
+from .options import config_options, run_config
 
 
 @click.command()
@@ -22,62 +22,53 @@ from .options import model_options, tiling_options
               help="Tile with a TRIDENT/CLAM coordinates .h5 instead of our tiling (a folder of "
                    "<slide>.h5 / <slide>_patches.h5 for many slides).")
 @click.option("--parquet", is_flag=True, help="Also write each file's rows as <slide>.parquet.")
-@model_options
-@tiling_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights.")
+@config_options("model", "runtime", "tiling", "aggregation")
 @click.option("--jobs", type=click.IntRange(min=1), default=None, help="Worker processes for many slides (default 1).")
 @click.option("--slide-timeout", type=click.FloatRange(min=1), default=3600, show_default=True, metavar="SECONDS")
 @click.option("--retry-failed", is_flag=True, help="Embed slides that failed in an earlier run again.")
-@click.option("--reconfigure", is_flag=True, help="Accept options different from the ones DIR was embedded with.")
+@click.option("--reconfigure", is_flag=True, help="Accept settings different from the ones DIR was embedded with.")
 @click.option("--progress/--no-progress", default=None, help="Progress display (default: on a terminal).")
 @click.option("--magnifications", default=None, metavar="M[,M..]",
               help="Mixed-magnification regions (e.g. 5,10,20): writes region sequences to DIR/regions_<model>/ "
                    "(see embed-regions).")
 @click.option("--region-tiles", type=click.IntRange(min=1), default=None,
               help="Region side in tiles at the lowest magnification (with --magnifications; default 1).")
-def embed(source, out, features, coords, parquet, model, weights, head, pooling, device, backend, precision,
-          no_compile, batch_size, num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, seed,
-          jobs, slide_timeout, retry_failed, reconfigure, progress, magnifications, region_tiles):
+def embed(source, out, features, coords, parquet, jobs, slide_timeout, retry_failed, reconfigure, progress,
+          magnifications, region_tiles, **settings):
     """Embed the tiles of SOURCE (a slide, a folder searched recursively, or a manifest CSV with a
     `path` column) with the backbone and write one HDF5 file per slide and feature kind. Many
     slides run like `screen`: crash-isolated workers, resumable, failures recorded per slide
     (exit 1 when some failed)."""
-    from ..embed.run import EmbedOptions, check_embed_options
-    from ..screen.config import absolute
+    from ..embed.run import EmbedSettings, check_embed_options
+    from ..screen.config import with_absolute_paths
 
+    config = with_absolute_paths(run_config(settings))
     if magnifications is not None or region_tiles is not None:
         _embed_regions(source, out, magnifications or "5,10,20", region_tiles or 1, features=features,
-                       coords=coords, head=head, model=model, weights=weights, tile_size=tile_size, mpp=mpp,
-                       min_tissue=min_tissue, reader=reader, device=device, backend=backend, precision=precision,
-                       batch_size=batch_size, num_workers=num_workers, seed=seed)
+                       coords=coords, config=config)
         return
-    kinds = check_embed_options(features, head)
-    options = EmbedOptions(
-        model=absolute(model) if model and model.endswith(".json") and os.path.isfile(model) else model,
-        weights=absolute(weights), head=absolute(head), pooling=pooling, device=device, backend=backend,
-        precision=precision, batch_size=batch_size, mpp=mpp, tile_size=tile_size, target_mpp=target_mpp,
-        min_tissue=min_tissue, top_k=top_k, num_workers=num_workers, reader=reader, seed=seed,
-        compile=False if no_compile else None, features=kinds, features_out=absolute(out),
-        coords=absolute(coords), parquet=parquet,
-    )
+    kinds = check_embed_options(features, config.model.head)
+    extra = EmbedSettings(features=kinds, out=os.path.abspath(out), coords=coords and os.path.abspath(coords),
+                          parquet=parquet)
     if os.path.isfile(source) and not source.lower().endswith(".csv"):
-        _embed_one(source, options)
+        _embed_one(source, config, extra)
     else:
-        _embed_many(source, options, jobs=jobs, slide_timeout=slide_timeout, retry_failed=retry_failed,
+        _embed_many(source, config, extra, jobs=jobs, slide_timeout=slide_timeout, retry_failed=retry_failed,
                     reconfigure=reconfigure, progress=progress)
 
 
-def _embed_regions(source, out, magnifications, region_tiles, *, features, coords, head, model, **options) -> None:
+def _embed_regions(source, out, magnifications, region_tiles, *, features, coords, config) -> None:
     """The region path (regions/): every tile of each tissue region at each magnification, class tokens."""
+    from ..config import DEFAULT_PRESET
     from ..errors import ConfigError
-    from ..scorer import DEFAULT_PRESET
     from ..screen.sources import load_sources
     from .embed_regions import run_region_embedding
 
-    if features != "cls" or coords or head:
+    m, r, t = config.model, config.runtime, config.tiling
+    if features != "cls" or coords or m.head:
         raise ConfigError("--magnifications/--region-tiles embed class tokens on our region grid; "
                           "--features other than cls, --coords and --head do not apply")
-    model = model or DEFAULT_PRESET
+    model = m.model or DEFAULT_PRESET
     if os.path.isfile(source) and not source.lower().endswith(".csv"):
         slides, mpps = [source], {}
     else:
@@ -85,39 +76,40 @@ def _embed_regions(source, out, magnifications, region_tiles, *, features, coord
         slides, mpps = [s.path for s in sources], {s.path: s.mpp for s in sources if s.mpp is not None}
     folder = os.path.join(out, f"regions_{os.path.splitext(os.path.basename(model))[0]}")
     run_region_embedding(slides, folder, magnifications=magnifications, region_tiles=region_tiles, model=model,
-                         mpps=mpps, **options)
+                         weights=m.weights, tile_size=t.tile_size, mpp=t.mpp, mpps=mpps, min_tissue=t.min_tissue,
+                         reader=t.reader, device=r.device, backend=r.backend, precision=r.precision,
+                         batch_size=r.batch_size, num_workers=r.num_workers, seed=m.seed)
 
 
-def _embed_one(slide: str, options) -> None:
+def _embed_one(slide: str, config, extra) -> None:
     from ..embed.run import embed_slide
 
-    kwargs = options.score_kwargs()
-    extra = {k: kwargs.pop(k) for k in ("features", "features_out", "coords", "parquet")}
     with warnings.catch_warnings():
-        if not options.head:
+        if not config.model.head:
             # The tile head's probabilities are not written by a single-slide embed.
             warnings.filterwarnings("ignore", message="no --head given")
-        result = embed_slide(slide, out=extra["features_out"], features=extra["features"], coords=extra["coords"],
-                             parquet=extra["parquet"], **kwargs)
+        result = embed_slide(slide, out=extra.out, features=extra.features, coords=extra.coords,
+                             parquet=extra.parquet, config=config)
     rate = result.score.summary["throughput"]["tiles_per_s"]
     paths = ", ".join(str(p) for p in result.features.values())
     click.echo(f"{slide}: {result.num_tiles} tiles" + (f" ({rate:.1f} tiles/s)" if rate else "")
                + f"; wrote {paths}")
 
 
-def _embed_many(source: str, options, *, jobs, slide_timeout, retry_failed, reconfigure, progress) -> None:
+def _embed_many(source: str, config, extra, *, jobs, slide_timeout, retry_failed, reconfigure, progress) -> None:
     from ..embed.run import EMBED_JOB
     from ..screen.local import LocalPool, cpu_specs
     from ..screen.run import run_screen
 
-    def pool_factory(opts, *, timeout_s, log_dir):
-        specs = cpu_specs(jobs or 1, hide_gpus=opts["device"] == "cpu")
-        return LocalPool(specs, opts, timeout_s=timeout_s, log_dir=log_dir, job=EMBED_JOB)
+    def pool_factory(options, *, timeout_s, log_dir):
+        specs = cpu_specs(jobs or 1, hide_gpus=options["runtime"]["device"] == "cpu")
+        return LocalPool(specs, {**options, "embed": extra.to_dict()}, timeout_s=timeout_s, log_dir=log_dir,
+                         job=EMBED_JOB)
 
     try:
-        report = run_screen(source, options.features_out, options, slide_timeout_s=slide_timeout,
-                            retry_failed=retry_failed, reconfigure=reconfigure, progress=progress,
-                            argv=sys.argv, pool_factory=pool_factory)
+        report = run_screen(source, extra.out, config, slide_timeout_s=slide_timeout, retry_failed=retry_failed,
+                            reconfigure=reconfigure, progress=progress, argv=sys.argv, pool_factory=pool_factory,
+                            extra_identity=extra.identity())
     except KeyboardInterrupt:
         click.echo("interrupted: finished slides are kept; run the same command again to resume", err=True)
         sys.exit(130)

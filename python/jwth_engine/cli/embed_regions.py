@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .options import BACKENDS, DEVICES, PRECISIONS
+from ..config import BACKENDS, DEFAULT_PRESET, DEVICES, PRECISIONS, READERS, field_default as _d
 
 
 def backbone_stage(model, weights, *, device, backend, precision, batch_size, seed, tile_size=None):
@@ -36,19 +36,19 @@ def backbone_provenance(backbone, stage) -> dict:
               help="Comma-separated magnifications (m <-> 10/m µm/px); each a whole multiple of the lowest.")
 @click.option("--region-tiles", type=click.IntRange(min=1), default=1, show_default=True,
               help="r: a region is r x r tiles at the lowest magnification.")
-@click.option("--model", default="jwth_vitl14_reg4", show_default=True, metavar="PRESET|FILE.json")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None)
-@click.option("--tile-size", type=click.IntRange(min=16), default=None, help="Tile px (default: the preset's input size).")
-@click.option("--mpp", type=float, default=None, help="Override the slide's level-0 µm/px.")
-@click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+@click.option("--model", default=DEFAULT_PRESET, show_default=True, metavar="PRESET|FILE.json")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=_d("weights"))
+@click.option("--tile-size", type=click.IntRange(min=16), default=_d("tile_size"), help="Tile px (default: the preset's input size).")
+@click.option("--mpp", type=float, default=_d("mpp"), help="Override the slide's level-0 µm/px.")
+@click.option("--min-tissue", type=click.FloatRange(0, 1), default=_d("min_tissue"), show_default=True,
               help="Regions with a smaller tissue fraction are skipped.")
-@click.option("--reader", type=click.Choice(["auto", "cucim", "openslide"]), default="auto", show_default=True)
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", "num_workers", type=click.IntRange(min=0), default=2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random backbone weights.")
+@click.option("--reader", type=click.Choice(READERS), default=_d("reader"), show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=_d("device"), show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default=_d("backend"), show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_d("precision"), show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=_d("batch_size"), show_default=True)
+@click.option("--workers", "num_workers", type=click.IntRange(min=0), default=_d("num_workers"), show_default=True)
+@click.option("--seed", type=int, default=_d("seed"), show_default=True, help="Seed of random backbone weights.")
 @click.option("--overwrite", is_flag=True, help="Embed slides whose feature file already exists (default: skip them).")
 @click.option("--json", "print_json", is_flag=True, help="Print one JSON line per slide.")
 def embed_regions(slides, out_dir, magnifications, region_tiles, model, weights, tile_size, mpp, min_tissue, reader,
@@ -61,16 +61,15 @@ def embed_regions(slides, out_dir, magnifications, region_tiles, model, weights,
                          num_workers=num_workers, seed=seed, overwrite=overwrite, print_json=print_json)
 
 
-def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model, weights=None, tile_size=None,
-                         mpp=None, mpps=None, min_tissue=0.25, reader="auto", device="auto", backend="auto",
-                         precision="auto", batch_size=32, num_workers=2, seed=0, overwrite=False,
-                         print_json=False) -> None:
+def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model, weights, tile_size, mpp,
+                         min_tissue, reader, device, backend, precision, batch_size, num_workers, seed,
+                         mpps=None, overwrite=False, print_json=False) -> None:
     """The region path of `embed-regions` and of `embed --magnifications/--region-tiles`; `mpps`
     gives per-slide MPPs (a manifest's), else `mpp` applies to all."""
     from ..models import get_preset
     from ..regions.extract import check_layout, extract_slide, output_path, prepare_slide
     from ..regions.planning import RegionLayout, parse_magnifications
-    from ..scorer import check_out_dir
+    from ..scoring import check_out_dir
 
     layout = RegionLayout(parse_magnifications(magnifications), region_tiles, tile_size or get_preset(model).input_size)
     check_layout(layout)

@@ -10,6 +10,9 @@ import json
 
 import click
 
+from ..config import ModelConfig
+from .options import config_options
+
 
 def _log(message: str) -> None:
     click.echo(message, err=True)
@@ -17,8 +20,7 @@ def _log(message: str) -> None:
 
 @click.command("export-onnx")
 @click.option("--model", required=True, metavar="PRESET|FILE.json", help="Backbone preset name or preset JSON.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Backbone checkpoint (.safetensors, or .pt/.pth/.bin loaded with weights_only).")
+@config_options(ModelConfig, only=("weights",))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="fp32: the reference graph. fp16/bf16: mixed-precision graph for TensorRT's strongly "
@@ -26,42 +28,22 @@ def _log(message: str) -> None:
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run the graph on ONNX Runtime (CPU) at batch 1 and 3 and compare with PyTorch fp32.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights (no --weights).")
+@config_options(ModelConfig, only=("seed",))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 def export_onnx(model, weights, output, precision, opset, verify, seed, as_json):
     """Export the backbone: images [batch, 3, S, S] -> tokens [batch, T, D] (class, registers,
     patches after the final norm), dynamic batch."""
-    from ..backends.base import NUMERICS
-    from ..backends.onnx_export import export_onnx as export
-    from ..backends.onnx_export import verify_onnx
-    from ..errors import BackendUnavailable, ModelError
-    from ..models import load_backbone
+    from ..scoring.export import export_onnx as export
 
-    backbone = load_backbone(model, weights, seed=seed)
-    path = export(backbone, output, precision=precision, opset=opset)
-    report = {"onnx": str(path), "preset": backbone.preset.name, "precision": precision, "opset": opset,
-              "weights_hash": backbone.weights_hash, "input": ["batch", 3, backbone.preset.input_size,
-                                                              backbone.preset.input_size],
-              "output": ["batch", backbone.num_tokens, backbone.embed_dim],
-              "num_prefix_tokens": backbone.num_prefix_tokens}
-    if verify:
-        try:
-            check = verify_onnx(backbone, path)
-        except BackendUnavailable as exc:
-            check = {"skipped": str(exc)}
-            _log(f"not verified: {exc}")
-        else:
-            tolerance = NUMERICS[precision][0]
-            check["tolerance"] = tolerance
-            if not check["token_rel_error"] < tolerance:
-                raise ModelError(f"{path}: ONNX Runtime tokens differ from PyTorch by relative error "
-                                 f"{check['token_rel_error']:.2e} (tolerance {tolerance:.0e} for {precision})")
-        report["verification"] = check
+    report = export(model, output, weights=weights, precision=precision, opset=opset, verify=verify, seed=seed,
+                    log=_log)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"wrote {path}: images [batch, 3, {backbone.preset.input_size}, {backbone.preset.input_size}] -> "
-               f"tokens [batch, {backbone.num_tokens}, {backbone.embed_dim}] ({precision}, opset {opset})")
+    _, _, size, _ = report["input"]
+    _, tokens, dim = report["output"]
+    click.echo(f"wrote {report['onnx']}: images [batch, 3, {size}, {size}] -> tokens [batch, {tokens}, {dim}] "
+               f"({precision}, opset {opset})")
     check = report.get("verification", {})
     if "token_rel_error" in check:
         click.echo(f"verified on ONNX Runtime (batch {check['batch_sizes']}): token relative error "
@@ -70,8 +52,7 @@ def export_onnx(model, weights, output, precision, opset, verify, seed, as_json)
 
 @click.command("build-engine")
 @click.option("--model", required=True, metavar="PRESET|FILE.json", help="Backbone preset name or preset JSON.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Backbone checkpoint (.safetensors, or .pt/.pth/.bin loaded with weights_only).")
+@config_options(ModelConfig, only=("weights",))
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default="bf16", show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Largest batch of the optimisation profile (1 ... N); score with --batch-size N reuses it.")
@@ -83,22 +64,12 @@ def export_onnx(model, weights, output, precision, opset, verify, seed, as_json)
 @click.option("--profile", default="default", show_default=True,
               help="TensorRT build profile: engine/tensorrt/NAME.json or a JSON path.")
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has this engine.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights (no --weights).")
+@config_options(ModelConfig, only=("seed",))
 def build_engine(model, weights, precision, max_batch, calibration, cache_dir, profile, force, seed):
     """Build the TensorRT engine of a backbone for this GPU into the engine cache (reused by
     `score --backend tensorrt`) and print its path."""
-    import torch
+    from ..scoring.export import build_engine as build
 
-    from ..backends.tensorrt_backend import build_engine as build
-    from ..backends.tensorrt_backend import require_tensorrt
-    from ..errors import BackendUnavailable
-    from ..models import load_backbone
-
-    # Fail before loading weights: both checks are instant, a ViT-g checkpoint is not.
-    require_tensorrt("build-engine")
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("build-engine: TensorRT needs a CUDA GPU and torch sees none")
-    backbone = load_backbone(model, weights, seed=seed)
-    path = build(backbone, precision=precision, max_batch=max_batch, cache_dir=cache_dir,
-                 calibration=calibration, profile=profile, force=force, log=_log)
+    path = build(model, weights=weights, precision=precision, max_batch=max_batch, calibration=calibration,
+                 cache_dir=cache_dir, profile=profile, force=force, seed=seed, log=_log)
     click.echo(str(path))

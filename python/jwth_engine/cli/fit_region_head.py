@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from ..config import field_default as _d
+
 
 def read_slide_labels(path: str) -> dict[str, str]:
     from ..errors import ConfigError
@@ -36,7 +38,7 @@ def read_slide_labels(path: str) -> dict[str, str]:
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(0, 0.5), default=0.1, show_default=True)
 @click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_d("seed"), show_default=True)
 @click.option("--json", "print_json", is_flag=True, help="Print the report as JSON.")
 def fit_region_head(features_dir, labels_csv, encoder_path, embedding, out_path, scores_path, baseline_magnification,
                     epochs, lr, label_smoothing, folds, seed, print_json):

@@ -7,21 +7,27 @@ import json
 
 import click
 
+from ..config import field_default as _d
+
+# Pretraining's own settings (not the tile-head training group's epochs/lr, which share the names).
+PRETRAIN_EPOCHS = 50
+PRETRAIN_LR = 1e-3
+
 
 @click.command("pretrain-regions")
 @click.argument("features_dir", type=click.Path(file_okay=False, path_type=str))
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), required=True,
               help="Region encoder file to write (.safetensors).")
 @click.option("--mask-ratio", type=float, default=0.5, show_default=True, help="Share of each region's slots hidden.")
-@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=PRETRAIN_EPOCHS, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=PRETRAIN_LR, show_default=True)
 @click.option("--weight-decay", type=float, default=0.05, show_default=True)
 @click.option("--dim", type=click.IntRange(min=8), default=64, show_default=True, help="Encoder width.")
 @click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True, help="Encoder layers.")
 @click.option("--heads", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=_d("seed"), show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint written after every epoch (default: OUT.ckpt).")
 @click.option("--resume", is_flag=True, help="Continue from --checkpoint when it exists.")

@@ -19,19 +19,20 @@ table and summary `score` writes, with the features recorded in it) and `summary
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..config import RunConfig
 from ..errors import ConfigError
-from ..outputs.atomic import remove_stale_temps
-from ..outputs.features_h5 import FeaturesH5Writer
-from ..scorer import SlideScorer, ScoreResult
-from ..screen.config import ScreenOptions
+from ..outputs.atomic import atomic_path, remove_stale_temps, sha256_file
+from ..outputs.features_h5 import FeaturesH5Writer, read_features_h5
+from ..scoring import ScoreResult, SlideScorer, check_out_dir, open_for_scoring
 from .coords import coords_file_for, grid_from_coords, read_coords_file
-from .features import FeatureObserver, kind_dim, parse_kinds
+from ..pipeline.features import FeatureObserver, kind_dim, parse_kinds
 
 EMBED_JOB = "jwth_engine.embed.run:EmbedJob"
 
@@ -44,18 +45,21 @@ def features_path(out: str | os.PathLike, model: str, kind: str, name: str) -> P
     return features_dir(out, model, kind) / f"{name}.h5"
 
 
-@dataclass
-class EmbedOptions(ScreenOptions):
-    """`score`'s options plus what to embed and where; the extra fields are part of a bulk run's
-    identity (a folder embedded as `cls` is not complete for `cls,mean`)."""
+@dataclass(frozen=True)
+class EmbedSettings:
+    """What `embed` adds to a run's configuration; part of a bulk run's identity (a folder embedded
+    as `cls` is not complete for `cls,mean`)."""
 
     features: tuple = ("cls",)
-    features_out: str = ""            # DIR of the layout above
+    out: str = ""                     # DIR of the layout above
     coords: str | None = None         # a TRIDENT/CLAM coordinates file, or a folder of them
     parquet: bool = False
 
-    def identity_extra(self) -> dict:
+    def identity(self) -> dict:
         return {"features": ",".join(self.features), "coords": self.coords, "parquet": self.parquet}
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "out": self.out, "coords": self.coords, "parquet": self.parquet}
 
 
 def check_embed_options(kinds, head: str | None) -> tuple[str, ...]:
@@ -107,9 +111,6 @@ def _attrs(scorer: SlideScorer, prepared, name: str, kind: str, coords_source: s
 def write_features_parquet(h5_path: Path, dest: Path, tissue_fraction: np.ndarray, size_level0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from ..outputs.atomic import atomic_path
-    from ..outputs.features_h5 import read_features_h5
 
     data = read_features_h5(h5_path)
     n, dim = data.features.shape
@@ -184,15 +185,17 @@ def embed_prepared(scorer: SlideScorer, prepared, *, out: str | os.PathLike, nam
 
 
 class EmbedJob:
-    """The screen worker's job for bulk `embed` (see screen/worker.py): SlideScorer + features."""
+    """The screen worker's job for bulk `embed` (see screen/worker.py): SlideScorer + features.
+    Its options are the run's `RunConfig.to_dict()` plus an `embed` entry (EmbedSettings.to_dict())."""
 
     def __init__(self, options: dict):
         import torch
 
-        extra = {k: options.pop(k) for k in ("features", "features_out", "coords", "parquet")}
+        options = dict(options)
+        extra = options.pop("embed")
         self.kinds = tuple(extra["features"])
-        self.out, self.coords, self.parquet = extra["features_out"], extra["coords"], extra["parquet"]
-        self.scorer = SlideScorer(**options)
+        self.out, self.coords, self.parquet = extra["out"], extra["coords"], extra["parquet"]
+        self.scorer = SlideScorer(RunConfig.from_dict(options))
         self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "device": str(self.scorer.device), "load_s": round(self.scorer.model.load_seconds, 2)}
 
@@ -204,8 +207,6 @@ class EmbedJob:
         prepared.close()
 
     def run(self, task: dict, prepared, progress) -> dict:
-        from ..outputs.atomic import sha256_file
-
         staging = Path(task["staging"])
         staging.mkdir(parents=True, exist_ok=True)
         source = str(coords_file_for(self.coords, task["slide_id"])) if self.coords else None
@@ -217,28 +218,25 @@ class EmbedJob:
 
 
 def embed_slide(path: str | os.PathLike, *, out: str | os.PathLike, features="cls", coords: str | None = None,
-                parquet: bool = False, name: str | None = None,
-                progress: Callable[[int, int], None] | None = None, **score_options) -> EmbedResult:
-    """Embed one slide into `out` (the Python API behind `jwth-engine embed SLIDE`); `score_options`
-    are score_slide's (model, weights, head, device, batch_size, ...)."""
-    import time
-
-    from ..scorer import check_options, check_out_dir, open_for_scoring
-
+                parquet: bool = False, name: str | None = None, config: RunConfig | None = None,
+                progress: Callable[[int, int], None] | None = None, **settings) -> EmbedResult:
+    """Embed one slide into `out` (the Python API behind `jwth-engine embed SLIDE`); the run's
+    settings come as `config` or as score_slide's keyword arguments (model=, weights=, device=, ...)."""
     started = time.perf_counter()
-    kinds = check_embed_options(features, score_options.get("head"))
-    check_options(batch_size=score_options.get("batch_size", 32), min_tissue=score_options.get("min_tissue", 0.25),
-                  top_k=score_options.get("top_k", 16))
+    if config is None:
+        config = RunConfig.from_kwargs(**settings)
+    elif settings:
+        raise ConfigError(f"pass either config or settings, not both (got {', '.join(sorted(settings))})")
+    kinds = check_embed_options(features, config.model.head)
     out = check_out_dir(out)
     name = name or Path(path).name.rsplit(".", 1)[0]
     source = str(coords_file_for(coords, name)) if coords else None
     if source:
         read_coords_file(source)        # a bad coordinates file fails before the model loads
-    opened = open_for_scoring(path, reader=score_options.get("reader", "auto"), mpp=score_options.get("mpp"))
+    opened = open_for_scoring(path, config)
     try:
-        scorer = SlideScorer(**score_options)
-        prepared = scorer.prepare(path, score_options.get("mpp"), opened=opened,
-                                  plan=coords_plan(source, name, scorer.model.tile_size))
+        scorer = SlideScorer(config)
+        prepared = scorer.prepare(path, opened=opened, plan=coords_plan(source, name, scorer.model.tile_size))
     except BaseException:
         opened[0].close()
         raise

@@ -23,8 +23,9 @@ CLAM's *coordinate* files carry `patch_level` and `patch_size` at that level
 `patch_size` would then mean two different things. `read_coords_file` accepts both conventions.
 
 Writing: datasets are created at their final size (the tile grid is known before the first
-batch), each batch is one slice write, chunks span many rows, and the file is built under a temp
-name and renamed only when every row has been written (nothing half-written is ever visible).
+batch), batches fill chunk-sized buffers (no filters, about 1 MiB of rows each) that are written
+whole, one direct chunk write each, and the file is built under a temp name and renamed only when
+every row has been written (nothing half-written is ever visible).
 """
 
 from __future__ import annotations
@@ -69,11 +70,13 @@ class FeaturesH5Writer:
             raise ValueError(f"coords must be [{num_rows}, 2], got {list(coords.shape)}")
         self.path, self.num_rows, self.dim = Path(path), int(num_rows), int(dim)
         self._written = np.zeros(self.num_rows, bool)
+        self._pending: dict[int, np.ndarray] = {}      # chunk index -> rows not yet on disk
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(self.path))
         try:
             self._file = h5py.File(tmp, "w", rdcc_nbytes=CACHE_BYTES)
             rows = max(1, min(self.num_rows, CHUNK_BYTES // (4 * max(self.dim, 1))))
+            self._chunk_rows = rows
             chunks = (rows, self.dim) if self.num_rows and self.dim else None
             self._features = self._file.create_dataset("features", (self.num_rows, self.dim), np.float32,
                                                        chunks=chunks)
@@ -92,8 +95,19 @@ class FeaturesH5Writer:
         if rows.ndim != 2 or rows.shape[1] != self.dim or first_row < 0 or stop > self.num_rows:
             raise ValueError(f"rows [{first_row}, {stop}) x {list(rows.shape[1:])} do not fit "
                              f"[{self.num_rows}, {self.dim}]")
-        self._features[first_row:stop] = rows
         self._written[first_row:stop] = True
+        # Rows gather in chunk-sized buffers; a chunk goes to disk in one direct write when its last
+        # row arrives. Writing each 32-row batch through h5py's slicing and chunk cache costs about
+        # as much per call as the copy itself (~0.8 ms for 128 KiB).
+        c = self._chunk_rows
+        for index in range(first_row // c, (stop - 1) // c + 1):
+            lo, hi = max(first_row, index * c), min(stop, (index + 1) * c)
+            buf = self._pending.get(index)
+            if buf is None:
+                buf = self._pending[index] = np.zeros((c, self.dim), np.float32)
+            buf[lo - index * c:hi - index * c] = rows[lo - first_row:hi - first_row]
+            if self._written[index * c:min((index + 1) * c, self.num_rows)].all():
+                self._features.id.write_direct_chunk((index * c, 0), self._pending.pop(index).tobytes())
 
     def commit(self) -> Path:
         if not self._written.all():

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..config import field_default
 from ..pipeline.memory import HeapTrimmer
 from ..pipeline.queues import BoundedQueue, Closed
 from .planning import RegionPlan, read_region_tiles
@@ -90,7 +91,7 @@ def _reader(slide, plan: RegionPlan, num_workers: int, dest: BoundedQueue, busy:
 
 
 def embed_regions(slide, plan: RegionPlan, stage, *, batch_size: int, sink: Callable[[int, np.ndarray], None],
-                  num_workers: int = 2, feature: Callable[[torch.Tensor], torch.Tensor] = class_token,
+                  num_workers: int = field_default("num_workers"), feature: Callable[[torch.Tensor], torch.Tensor] = class_token,
                   progress: Callable[[int], None] | None = None, stats: RegionEmbedStats | None = None) -> RegionEmbedStats:
     """Embed every region of `plan`; `sink(region_index, features [L, D] float32)` in plan order.
 

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from ..config import field_default
 from ..errors import ConfigError
 from .embed import RegionEmbedStats, embed_regions
 from .encoder import MAX_SEQUENCE_LENGTH
@@ -67,7 +68,7 @@ class PreparedSlide:
 
 
 def prepare_slide(slide_path: str | os.PathLike, layout: RegionLayout, *, mpp: float | None = None,
-                  reader: str = "auto", min_tissue: float = 0.25) -> PreparedSlide:
+                  reader: str = field_default("reader"), min_tissue: float = field_default("min_tissue")) -> PreparedSlide:
     """Open, MPP, tissue, region plan: every check on the input, before any model is loaded."""
     from ..slide import open_slide, resolve_mpp
 
@@ -85,7 +86,8 @@ def prepare_slide(slide_path: str | os.PathLike, layout: RegionLayout, *, mpp: f
 
 
 def extract_slide(prepared: PreparedSlide, out_dir: str | os.PathLike | None, stage, *, dim: int, provenance: dict,
-                  min_tissue: float = 0.25, batch_size: int = 32, num_workers: int = 2,
+                  min_tissue: float = field_default("min_tissue"), batch_size: int = field_default("batch_size"),
+                  num_workers: int = field_default("num_workers"),
                   progress: Callable[[int], None] | None = None) -> ExtractResult:
     """Embed the prepared slide's regions with `stage` (a pipeline ModelStage) and close it; write
     DIR/<stem>.h5 when `out_dir` is given. `provenance` goes into the file's attributes."""

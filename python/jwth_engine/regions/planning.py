@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import field_default
 from ..errors import ConfigError, MppError
 from ..slide.base import level_to_level0
 from ..tiling import LEVEL_MPP_TOLERANCE, choose_level
@@ -172,7 +173,7 @@ def _block_size(span0: int, downsample: float) -> int:
     return max(1, math.ceil(span0 / downsample) + 1)
 
 
-def plan_regions(slide, *, slide_mpp: float, layout: RegionLayout, tissue=None, min_tissue: float = 0.25) -> RegionPlan:
+def plan_regions(slide, *, slide_mpp: float, layout: RegionLayout, tissue=None, min_tissue: float = field_default("min_tissue")) -> RegionPlan:
     """Regions on the lowest magnification's grid, kept when their tissue fraction >= `min_tissue`.
 
     Raises MppError when the slide cannot provide the finest magnification without upsampling

@@ -17,8 +17,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import RunConfig
 from ..errors import ConfigError, JwthError
-from .config import ScreenOptions, config_hash, describe_difference, identity
+from .config import config_hash, describe_difference, identity
 from .layout import ScreenLayout
 from .ledger import Ledger
 from .progress import ScreenDisplay
@@ -41,16 +42,27 @@ class ScreenReport:
     config_hash: str
     scheduled: int
     skipped: int
-    done: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)          # scored and no-tissue slides alike
+    no_tissue: list[str] = field(default_factory=list)     # done, but no tile reached --min-tissue
     failed: dict[str, str] = field(default_factory=dict)
+    tiles_scored: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     interrupted: bool = False
 
     @property
+    def scored(self) -> int:
+        return len(self.done) - len(self.no_tissue)
+
+    @property
     def slides_per_hour(self) -> float | None:
-        finished = len(self.done) + len(self.failed)
-        return finished / self.seconds * 3600 if finished and self.seconds > 0 else None
+        """Scored slides per hour of this run's wall time: failures and no-tissue slides take
+        time but are not throughput (they are reported beside it)."""
+        return self.scored / self.seconds * 3600 if self.scored and self.seconds > 0 else None
+
+    @property
+    def tiles_per_second(self) -> float | None:
+        return self.tiles_scored / self.seconds if self.tiles_scored and self.seconds > 0 else None
 
 
 def recover(ledger: Ledger, layout: ScreenLayout) -> list[str]:
@@ -132,7 +144,7 @@ def _raise_stop(signum, frame):
 def run_screen(
     source: str | os.PathLike,
     out: str | os.PathLike,
-    options: ScreenOptions,
+    config: RunConfig,
     *,
     gpus: list[int] | None = None,
     jobs: int | None = None,
@@ -145,16 +157,18 @@ def run_screen(
     results_interval_s: float = 5.0,
     argv: list[str] | None = None,
     pool_factory=None,
+    extra_identity: dict | None = None,
 ) -> ScreenReport:
     """Screen every slide of `source` into `out`; see `jwth-engine screen --help`."""
     t0 = time.monotonic()
     if gpus and ray_address:
-        raise ConfigError("--gpus is for local runs; on Ray each GPU of the cluster gets a worker "
-                          "(--device cpu for CPU workers)")
-    if gpus and options.device == "cpu":
-        raise ConfigError("--gpus and --device cpu contradict each other")
+        raise ConfigError("gpus is for local runs; on Ray each GPU of the cluster gets a worker "
+                          "(--device cpu for CPU workers)", field="gpus")
+    if gpus and config.runtime.device == "cpu":
+        raise ConfigError("gpus and device cpu contradict each other", field="gpus")
     sources = load_sources(source)
-    ident = identity(options)
+    # A job other than scoring (embed) adds what decides its own outputs to the folder's identity.
+    ident = {**identity(config), **(extra_identity or {})}
     current_hash = config_hash(ident)
 
     layout = ScreenLayout(out)
@@ -165,7 +179,7 @@ def run_screen(
         check_config(ledger, layout.root, ident, current_hash, reconfigure)
         for note in recover(ledger, layout):
             log.info("%s", note)
-        ledger.set_config(current_hash, ident)
+        ledger.set_config(current_hash, ident, config.to_dict())
         for slide_id, note in ledger.sync_sources(sources).items():
             layout.retire(slide_id)
             log.info("%s: %s", slide_id, note)
@@ -182,7 +196,7 @@ def run_screen(
             report.seconds = time.monotonic() - t0
             return report
         display = ScreenDisplay(len(todo), skipped, live=progress)
-        pool = pool_factory(options.score_kwargs(), timeout_s=slide_timeout_s, log_dir=layout.logs)
+        pool = pool_factory(config.to_dict(), timeout_s=slide_timeout_s, log_dir=layout.logs)
         report.run_id = ledger.begin_run(current_hash, runner, getattr(pool, "size", 0), argv or sys.argv)
         driver = _Driver(ledger, layout, pool, display, results, report)
         old_term = signal.signal(signal.SIGTERM, _raise_stop)
@@ -216,13 +230,13 @@ def _default_pool_factory(*, gpus, jobs, ray_address, ray_cpus_per_job):
 
         def make_ray(options, *, timeout_s, log_dir):
             return RayPool(ray_address, options, timeout_s=timeout_s, log_dir=log_dir,
-                           use_gpus=options["device"] != "cpu", jobs=jobs, cpus_per_job=ray_cpus_per_job)
+                           use_gpus=options["runtime"]["device"] != "cpu", jobs=jobs, cpus_per_job=ray_cpus_per_job)
         return make_ray
 
     from .local import LocalPool, cpu_specs, gpu_specs
 
     def make_local(options, *, timeout_s, log_dir):
-        specs = gpu_specs(gpus) if gpus else cpu_specs(jobs or 1, hide_gpus=options["device"] == "cpu")
+        specs = gpu_specs(gpus) if gpus else cpu_specs(jobs or 1, hide_gpus=options["runtime"]["device"] == "cpu")
         return LocalPool(specs, options, timeout_s=timeout_s, log_dir=log_dir)
     return make_local
 
@@ -309,6 +323,10 @@ class _Driver:
         self.ledger.mark_done(sid)
         del self.in_flight[sid]
         self.report.done.append(sid)
+        if summary.get("status") == "scored":
+            self.report.tiles_scored += int(summary["tiles"]["scored"])
+        else:
+            self.report.no_tissue.append(sid)
         detail = f"{summary['tiles']['scored']} tiles" if summary.get("status") == "scored" else "no tissue"
         self.display.slide_done(sid, outcome.get("seconds"), detail)
         self.results.changed()
