@@ -16,6 +16,7 @@ from typing import Callable
 
 from .scorer import (DEFAULT_CLASSES, DEFAULT_PRESET, ScoreResult, SlideScorer, check_options, check_out_dir,
                      open_for_scoring, output_paths)
+from .visuals import check_against_model, check_visual_options
 
 __all__ = ["score_slide", "ScoreResult", "output_paths", "DEFAULT_PRESET", "DEFAULT_CLASSES"]
 
@@ -43,14 +44,18 @@ def score_slide(
     seed: int = 0,
     compile: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    visuals=None,
 ) -> ScoreResult:
     """Score a slide; returns the summary dict and the per-tile table (and writes them to `out`).
 
-    `progress(done, total)` is called after every batch. Raises `JwthError` subclasses with
+    `progress(done, total)` is called after every batch. `visuals` (visuals.VisualOptions) asks
+    for the heat map, GeoJSON, attention maps and HTML report. Raises `JwthError` subclasses with
     one-line messages for every input problem.
     """
     started = time.perf_counter()
     check_options(batch_size=batch_size, min_tissue=min_tissue, top_k=top_k)
+    if visuals is not None:
+        check_visual_options(visuals)
     out_dir = check_out_dir(out)
     t_open = time.perf_counter()
     opened = open_for_scoring(path, reader=reader, mpp=mpp)
@@ -60,10 +65,12 @@ def score_slide(
                              backend=backend, precision=precision, batch_size=batch_size, mpp=mpp,
                              tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue, top_k=top_k,
                              num_workers=num_workers, reader=reader, seed=seed, compile=compile)
+        if visuals is not None:
+            check_against_model(visuals, scorer.model)   # before any tile is read or file written
         prepared = scorer.prepare(path, mpp, opened=opened)
         prepared.timings["open"] = t_open    # opened before the model was loaded, to fail fast
     except BaseException:
         opened[0].close()
         raise
     return scorer.finish(prepared, out=out_dir, name=name or Path(path).name.rsplit(".", 1)[0],
-                         progress=progress, started=started)
+                         progress=progress, started=started, visuals=visuals)

@@ -44,10 +44,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _register() -> None:
-    from . import bench, doctor, export, fit_head, info, score, screen
+    from . import bench, doctor, export, fit_head, heatmap, info, score, screen
 
     for command in (info.info, score.score, doctor.doctor, export.export_onnx, export.build_engine,
-                    *bench.commands, *screen.commands, *fit_head.commands):
+                    *bench.commands, *screen.commands, *fit_head.commands, *heatmap.commands):
         cli.add_command(command)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
 
+from .heatmap import visual_options
 from .options import model_options, tiling_options
 
 
@@ -19,14 +21,23 @@ from .options import model_options, tiling_options
 @click.option("--json", "print_json", is_flag=True, help="Print the slide summary JSON to stdout.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights/heads.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no backend notice on stderr.")
+@visual_options
 def score(slide, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
           num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, out, print_json, seed,
-          progress):
+          progress, quiet, heatmap, geojson, attention, report, heatmap_class, heatmap_size, heatmap_colormap,
+          heatmap_opacity):
     """Score SLIDE: tissue detection, tiling, backbone, head; writes SLIDE.tiles.parquet and
     SLIDE.summary.json into --out."""
     from ..score import score_slide
+    from ..visuals import VisualOptions
 
-    show = sys.stderr.isatty() if progress is None else progress
+    visuals = VisualOptions(heatmap=heatmap, geojson=geojson, report=report, attention=attention,
+                            heatmap_class=heatmap_class, heatmap_size=heatmap_size, colormap=heatmap_colormap,
+                            opacity=heatmap_opacity)
+    if quiet:
+        logging.getLogger("jwth_engine.backends").setLevel(logging.WARNING)
+    show = (sys.stderr.isatty() if progress is None else progress) and not quiet
     bar = _ProgressBar(slide) if show else None
     try:
         result = score_slide(
@@ -34,7 +45,7 @@ def score(slide, model, weights, head, pooling, device, backend, precision, no_c
             backend=backend, precision=precision, batch_size=batch_size, mpp=mpp, tile_size=tile_size,
             target_mpp=target_mpp, min_tissue=min_tissue, top_k=top_k, num_workers=num_workers,
             reader=reader, seed=seed, compile=False if no_compile else None,
-            progress=bar.update if bar else None,
+            progress=bar.update if bar else None, visuals=visuals if visuals.wanted else None,
         )
     finally:
         if bar:
@@ -45,11 +56,23 @@ def score(slide, model, weights, head, pooling, device, backend, precision, no_c
         return
     if summary["status"] == "no_tissue":
         click.echo(f"{slide}: no tissue tiles (score: no tissue); wrote {result.summary_path}")
+        if heatmap:
+            click.echo(f"{slide}: no tissue tiles were scored, so no heat map was drawn", err=True)
+        _echo_visuals(result)
         return
     scores = ", ".join(f"{c}={v['mean']:.4f} (top-{v['k']} {v['topk_mean']:.4f})"
                        for c, v in summary["scores"].items())
     click.echo(f"{slide}: {summary['tiles']['scored']} tiles, {scores}")
     click.echo(f"wrote {result.tiles_path} and {result.summary_path}")
+    _echo_visuals(result)
+
+
+def _echo_visuals(result) -> None:
+    outputs = result.summary.get("outputs", {})
+    names = [outputs[k] for k in ("heatmap_png", "geojson", "attention_npz", "attention_dir", "report_html")
+             if k in outputs]
+    if names and result.summary_path is not None:
+        click.echo(f"wrote {', '.join(names)} in {result.summary_path.parent}")
 
 
 class _ProgressBar:
