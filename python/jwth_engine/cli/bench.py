@@ -30,9 +30,11 @@ from .options import model_options, tiling_options
 @click.option("--sequential/--no-sequential", default=True, show_default=True,
               help="Also run the sequential reference once and compare scores.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights/heads.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw stage throughputs (and head latencies when compared) into this PNG.")
 def bench(slide, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
           num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, json_path, repeats, prefetch,
-          locality, nice, baseline, sequential, seed):
+          locality, nice, baseline, sequential, seed, plot_path):
     """Benchmark scoring SLIDE: decode, preprocess, backbone and head alone, then end to end.
 
     Reports tiles/s per stage, p50/p99 batch latency, slides/h, peak RSS and GPU memory, and the
@@ -64,6 +66,11 @@ def bench(slide, model, weights, head, pooling, device, backend, precision, no_c
             with open(json_path, "w", encoding="utf-8") as handle:
                 handle.write(text)
             click.echo(f"wrote {json_path}")
+    if plot_path:
+        from ..outputs.plots import write_bench_plot
+
+        write_bench_plot(result, plot_path)
+        click.echo(f"wrote {plot_path}", err=json_path == "-")
 
 
 commands = [bench]

@@ -63,10 +63,10 @@ def fit_head(labels_csv, model, weights, pooling, num_heads, out_path, root, whe
     tiles = load_tile_images(data.paths, tile_size)
     tokens = embed_tiles(tiles, stage, batch_size)
     labels = np.array([data.classes.index(label) for label in data.labels])
-    head, report = train_head(
+    head, report, history, confusion = train_head(
         tokens, labels, pooling=pooling, num_classes=len(data.classes), num_heads=num_heads,
         num_prefix_tokens=backbone.num_prefix_tokens, epochs=epochs, lr=lr, val_fraction=val_fraction,
-        seed=seed, log=lambda msg: click.echo(msg, err=True),
+        seed=seed, log=lambda msg: click.echo(msg, err=True), details=True,
     )
     report.update({"labels_csv": str(labels_csv), "num_tiles": len(labels), "classes": data.classes,
                    "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(data.classes)},
@@ -76,11 +76,30 @@ def fit_head(labels_csv, model, weights, pooling, num_heads, out_path, root, whe
                     backbone_preset=preset.name, backbone_weights_hash=backbone.weights_hash,
                     tile_size=tile_size, target_mpp=target_mpp or preset.native_mpp, training=report)
     report["sha256"] = save_head(head, meta, out_path)
+    report["plots"] = _write_training_plots(out_path, history, confusion, data.classes, pooling, report)
     if print_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"wrote {out_path}: {pooling} head, {len(data.classes)} classes, "
                    f"{report['selection_metric']} {report['best_metric']:.3f} (epoch {report['best_epoch'] + 1})")
+
+
+
+def _write_training_plots(out_path, history, confusion, classes, pooling, report) -> list[str]:
+    """HEAD.curves.png and HEAD.confusion.png beside the head file."""
+    from pathlib import Path
+
+    from ..outputs.figures import write_png
+    from ..outputs.plots import confusion_matrix_plot, training_curves
+
+    stem = Path(out_path)
+    stem = stem.with_name(stem.name.removesuffix(".safetensors"))
+    curves, matrix = Path(f"{stem}.curves.png"), Path(f"{stem}.confusion.png")
+    write_png(training_curves(history, title=f"{pooling} head: {len(classes)} classes, best epoch "
+                                             f"{report['best_epoch'] + 1}"), curves)
+    split = "validation" if report["num_val"] else "training (no validation split)"
+    write_png(confusion_matrix_plot(confusion, classes, title=f"kept epoch, {split} tiles"), matrix)
+    return [curves.name, matrix.name]
 
 
 commands = [fit_head]

@@ -62,9 +62,10 @@ def _parse_gpus(value: str | None) -> list[int] | None:
 @click.option("--ray-cpus-per-job", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="CPUs each Ray actor reserves (and torch threads it uses, on CPU).")
 @click.option("--progress/--no-progress", default=None, help="Live display on stderr (default: on a terminal).")
+@click.option("--report", "write_reports", is_flag=True, help="Write each slide's NAME.report.html (linked from DIR/index.html).")
 def screen(source, out, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
            num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, seed, gpus, jobs,
-           slide_timeout, retry_failed, reconfigure, ray_address, ray_cpus_per_job, progress):
+           slide_timeout, retry_failed, reconfigure, ray_address, ray_cpus_per_job, progress, write_reports):
     """Score every slide of SOURCE (a folder, searched recursively, or a manifest CSV with a `path`
     column and optional `slide_id`, `mpp` and extra columns) into --out.
 
@@ -80,7 +81,7 @@ def screen(source, out, model, weights, head, pooling, device, backend, precisio
         weights=absolute(weights), head=absolute(head), pooling=pooling, device=device, backend=backend,
         precision=precision, batch_size=batch_size, mpp=mpp, tile_size=tile_size, target_mpp=target_mpp,
         min_tissue=min_tissue, top_k=top_k, num_workers=num_workers, reader=reader, seed=seed,
-        compile=False if no_compile else None,
+        compile=False if no_compile else None, report=write_reports,
     )
     try:
         report = run_screen(

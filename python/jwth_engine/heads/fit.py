@@ -130,13 +130,16 @@ def _fold_standardisation(classifier: nn.Linear, mean: torch.Tensor, std: torch.
 def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_classes: int,
                num_heads: int, num_prefix_tokens: int, epochs: int = 50, lr: float = 1e-3,
                weight_decay: float = 1e-4, batch_size: int = 64, val_fraction: float = 0.2,
-               seed: int = 0, log: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, dict]:
+               seed: int = 0, log: Callable[[str], None] = lambda _: None, details: bool = False):
+    """(head, report); with `details`, also the per-epoch history and the kept epoch's confusion
+    matrix (rows: true class) on the validation split (the training split when there is none)."""
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     torch.manual_seed(seed)
     dim = tokens.shape[-1]
     head = build_head(pooling, dim, num_classes, num_heads, num_prefix_tokens)
     train_idx, val_idx = _split(labels, val_fraction, seed)
+    raw_tokens = tokens    # the saved head takes these (a linear probe's standardisation is folded in)
     if pooling == "linear-probe":
         tokens, cls_mean, cls_std = _standardised_class_tokens(tokens, train_idx)
     y = torch.as_tensor(labels, dtype=torch.long)
@@ -180,4 +183,12 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
         "selection_metric": "val_balanced_accuracy" if len(val_idx) else "train_balanced_accuracy (no validation split)",
         "best_metric": best["metric"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
     }
-    return head.eval(), report
+    if not details:
+        return head.eval(), report
+    head.eval()
+    with torch.no_grad():
+        pred = head(raw_tokens.float()).logits.argmax(-1).numpy()
+    split = val_idx if len(val_idx) else train_idx
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels[split], pred[split]), 1)
+    return head, report, history, confusion

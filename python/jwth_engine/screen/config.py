@@ -39,6 +39,7 @@ class ScreenOptions:
     reader: str = "auto"
     seed: int = 0
     compile: bool | None = None
+    report: bool = False         # NAME.report.html per slide; pictures only, so not in `identity`
 
     def score_kwargs(self) -> dict:
         return asdict(self)

@@ -46,7 +46,10 @@ class ScoreJob:
         import torch
 
         from ..scorer import SlideScorer
+        from ..visuals import VisualOptions
 
+        options = dict(options)
+        self.visuals = VisualOptions(report=True) if options.pop("report", False) else None
         self.scorer = SlideScorer(**options)
         self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "device": str(self.scorer.device), "load_s": round(self.scorer.model.load_seconds, 2)}
@@ -63,7 +66,7 @@ class ScoreJob:
         staging = Path(task["staging"])
         staging.mkdir(parents=True, exist_ok=True)
         name = task["slide_id"]
-        result = self.scorer.finish(prepared, out=staging, name=name, progress=progress)
+        result = self.scorer.finish(prepared, out=staging, name=name, progress=progress, visuals=self.visuals)
         return {"summary": result.summary, "tiles_sha256": sha256_file(result.tiles_path),
                 "summary_sha256": sha256_file(result.summary_path)}
 
