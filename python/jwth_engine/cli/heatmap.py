@@ -49,7 +49,7 @@ def visual_options(func):
 @click.option("--reader", type=click.Choice(["auto", "cucim", "openslide"]), default="auto", show_default=True)
 def heatmap(results, heatmap_class, heatmap_size, heatmap_colormap, heatmap_opacity, output, slide_path, reader):
     """Draw the heat map of a scored slide from its outputs (NAME.summary.json + NAME.tiles.parquet)."""
-    from ..visuals import VisualOptions, heatmap_from_results
+    from ..scoring.visuals import VisualOptions, heatmap_from_results
 
     options = VisualOptions(heatmap=True, heatmap_class=heatmap_class, heatmap_size=heatmap_size,
                             colormap=heatmap_colormap, opacity=heatmap_opacity)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, JwthError
+from ..config import TrainingConfig
+from ..errors import FitError
 from .reference import build_head
 
 
@@ -40,12 +41,12 @@ def read_labels_csv(csv_path: str | os.PathLike, *, root: str | os.PathLike | No
         with open(csv_path, newline="") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as exc:
-        raise JwthError(f"{csv_path}: cannot read labels file ({exc.strerror})") from exc
+        raise FitError(f"{csv_path}: cannot read labels file ({exc.strerror})") from exc
     if not rows or not {"path", "label"} <= set(rows[0]):
-        raise JwthError(f"{csv_path}: labels CSV needs 'path' and 'label' columns")
+        raise FitError(f"{csv_path}: labels CSV needs 'path' and 'label' columns")
     for column, _ in where:
         if column not in rows[0]:
-            raise JwthError(f"{csv_path}: --where column {column!r} is not in the CSV")
+            raise FitError(f"{csv_path}: where column {column!r} is not in the CSV", field="where")
     paths, labels = [], []
     for row in rows:
         if any(row.get(c) != v for c, v in where) or not row["label"].strip():
@@ -53,38 +54,42 @@ def read_labels_csv(csv_path: str | os.PathLike, *, root: str | os.PathLike | No
         path = Path(row["path"])
         path = path if path.is_absolute() else base / path
         if not path.is_file():
-            raise JwthError(f"{path}: tile image listed in {csv_path.name} not found")
+            raise FitError(f"{path}: tile image listed in {csv_path.name} not found")
         paths.append(path)
         labels.append(row["label"].strip())
     classes = sorted(set(labels))
     if len(classes) < 2:
-        raise JwthError(f"{csv_path}: need at least two classes to train a head, found {classes}")
+        raise FitError(f"{csv_path}: need at least two classes to train a head, found {classes}")
     return LabelledTiles(paths, labels, classes)
 
 
-def load_tile_images(paths: Sequence[Path], size: int) -> np.ndarray:
-    """RGB uint8 [N, size, size, 3]; tiles of another size are resized (antialiased) to `size`."""
+def load_tile_images(paths: Sequence[Path]) -> list[np.ndarray]:
+    """RGB uint8 [h, w, 3] per tile, at the size it was saved: resizing to the model's input is
+    `preprocess`'s job, the same antialiased kernel scoring uses (no train/score skew)."""
     from PIL import Image
 
-    out = np.empty((len(paths), size, size, 3), np.uint8)
-    for i, path in enumerate(paths):
+    out = []
+    for path in paths:
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-                out[i] = np.asarray(img)
+                out.append(np.asarray(img.convert("RGB")))
         except OSError as exc:
-            raise JwthError(f"{path}: cannot read tile image ({exc})") from exc
+            raise FitError(f"{path}: cannot read tile image ({exc})") from exc
     return out
 
 
-def embed_tiles(tiles: np.ndarray, stage, batch_size: int = 32) -> torch.Tensor:
-    """Token tensors [N, T, D] (fp16 on CPU) for uint8 tiles, through a pipeline ModelStage."""
+def embed_tiles(tiles: Sequence[np.ndarray], stage, batch_size: int) -> torch.Tensor:
+    """Token tensors [N, T, D] (fp16 on CPU) for uint8 tiles, through a pipeline ModelStage
+    (preprocess, backbone); consecutive tiles of one size are batched together."""
     chunks = []
-    for start in range(0, len(tiles), batch_size):
-        images = stage.preprocess(tiles[start:start + batch_size])
+    start = 0
+    while start < len(tiles):
+        end = start + 1
+        while end < len(tiles) and end - start < batch_size and tiles[end].shape == tiles[start].shape:
+            end += 1
+        images = stage.preprocess(np.stack(tiles[start:end]))
         chunks.append(stage.embed(images).to("cpu", torch.float16))
+        start = end
     return torch.cat(chunks)
 
 
@@ -128,18 +133,14 @@ def _fold_standardisation(classifier: nn.Linear, mean: torch.Tensor, std: torch.
 
 
 def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_classes: int,
-               num_heads: int, num_prefix_tokens: int, epochs: int = 50, lr: float = 1e-3,
-               weight_decay: float = 1e-4, batch_size: int = 64, val_fraction: float = 0.2,
-               seed: int = 0, log: Callable[[str], None] = lambda _: None, details: bool = False):
-    """(head, report); with `details`, also the per-epoch history and the kept epoch's confusion
-    matrix (rows: true class) on the validation split (the training split when there is none)."""
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+               num_prefix_tokens: int, training: TrainingConfig, seed: int, weight_decay: float = 1e-4,
+               batch_size: int = 64, log: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, dict]:
+    """Train on precomputed tokens [N, T, D]; returns the head (eval mode) and its report."""
+    num_heads, epochs, lr, val_fraction = training.num_heads, training.epochs, training.lr, training.val_fraction
     torch.manual_seed(seed)
     dim = tokens.shape[-1]
     head = build_head(pooling, dim, num_classes, num_heads, num_prefix_tokens)
     train_idx, val_idx = _split(labels, val_fraction, seed)
-    raw_tokens = tokens    # the saved head takes these (a linear probe's standardisation is folded in)
     if pooling == "linear-probe":
         tokens, cls_mean, cls_std = _standardised_class_tokens(tokens, train_idx)
     y = torch.as_tensor(labels, dtype=torch.long)
@@ -175,6 +176,13 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
         log(f"epoch {epoch + 1}/{epochs} loss {history[-1]['loss']:.4f} train bacc {train_bacc:.3f}"
             + (f" val bacc {val_bacc:.3f}" if val_bacc is not None else ""))
     head.load_state_dict(best["state"])
+    # The kept epoch's confusion matrix (rows: true class), on the split that chose it; computed
+    # before a linear probe's standardisation is folded in, on the tokens it was trained on.
+    split = val_idx if len(val_idx) else train_idx
+    with torch.no_grad():
+        pred = head(tokens[split].float()).logits.argmax(-1).numpy()
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels[split], pred), 1)
     if pooling == "linear-probe":
         _fold_standardisation(head.classifier, cls_mean, cls_std)
     report = {
@@ -182,13 +190,7 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
         "num_train": int(len(train_idx)), "num_val": int(len(val_idx)), "best_epoch": best["epoch"],
         "selection_metric": "val_balanced_accuracy" if len(val_idx) else "train_balanced_accuracy (no validation split)",
         "best_metric": best["metric"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+        "history": history, "confusion": confusion.tolist(),
+        "confusion_split": "validation" if len(val_idx) else "training",
     }
-    if not details:
-        return head.eval(), report
-    head.eval()
-    with torch.no_grad():
-        pred = head(raw_tokens.float()).logits.argmax(-1).numpy()
-    split = val_idx if len(val_idx) else train_idx
-    confusion = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(confusion, (labels[split], pred[split]), 1)
-    return head, report, history, confusion
+    return head.eval(), report

@@ -177,10 +177,17 @@ class Ledger:
         value = self.meta("config")
         return self.meta("config_hash"), (json.loads(value) if value else None)
 
-    def set_config(self, config_hash: str, identity: dict) -> None:
+    def run_config(self) -> dict | None:
+        """The latest run's full configuration (RunConfig.to_dict()), as it was given."""
+        value = self.meta("run_config")
+        return json.loads(value) if value else None
+
+    def set_config(self, config_hash: str, identity: dict, run_config: dict | None = None) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('config_hash', ?)", (config_hash,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(identity, sort_keys=True),))
+            if run_config is not None:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('run_config', ?)", (json.dumps(run_config),))
 
     # --- runs -----------------------------------------------------------------------------------
     def begin_run(self, config_hash: str, runner: str, workers: int, argv: Iterable[str] = ()) -> int:

@@ -17,8 +17,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import RunConfig
 from ..errors import ConfigError, JwthError
-from .config import ScreenOptions, config_hash, describe_difference, identity
+from .config import REPORT_KEY, config_hash, describe_difference, identity
 from .layout import ScreenLayout
 from .ledger import Ledger
 from .progress import ScreenDisplay
@@ -132,7 +133,7 @@ def _raise_stop(signum, frame):
 def run_screen(
     source: str | os.PathLike,
     out: str | os.PathLike,
-    options: ScreenOptions,
+    config: RunConfig,
     *,
     gpus: list[int] | None = None,
     jobs: int | None = None,
@@ -145,16 +146,18 @@ def run_screen(
     results_interval_s: float = 5.0,
     argv: list[str] | None = None,
     pool_factory=None,
+    report: bool = False,
 ) -> ScreenReport:
-    """Screen every slide of `source` into `out`; see `jwth-engine screen --help`."""
+    """Screen every slide of `source` into `out`; see `jwth-engine screen --help`. `report` adds
+    each slide's NAME.report.html (pictures only: not part of the configuration's identity)."""
     t0 = time.monotonic()
     if gpus and ray_address:
         raise ConfigError("--gpus is for local runs; on Ray each GPU of the cluster gets a worker "
                           "(--device cpu for CPU workers)")
-    if gpus and options.device == "cpu":
-        raise ConfigError("--gpus and --device cpu contradict each other")
+    if gpus and config.runtime.device == "cpu":
+        raise ConfigError("gpus and device cpu contradict each other", field="gpus")
     sources = load_sources(source)
-    ident = identity(options)
+    ident = identity(config)
     current_hash = config_hash(ident)
 
     layout = ScreenLayout(out)
@@ -165,7 +168,7 @@ def run_screen(
         check_config(ledger, layout.root, ident, current_hash, reconfigure)
         for note in recover(ledger, layout):
             log.info("%s", note)
-        ledger.set_config(current_hash, ident)
+        ledger.set_config(current_hash, ident, config.to_dict())
         for slide_id, note in ledger.sync_sources(sources).items():
             layout.retire(slide_id)
             log.info("%s: %s", slide_id, note)
@@ -182,7 +185,8 @@ def run_screen(
             report.seconds = time.monotonic() - t0
             return report
         display = ScreenDisplay(len(todo), skipped, live=progress)
-        pool = pool_factory(options.score_kwargs(), timeout_s=slide_timeout_s, log_dir=layout.logs)
+        options = {**config.to_dict(), REPORT_KEY: True} if report else config.to_dict()
+        pool = pool_factory(options, timeout_s=slide_timeout_s, log_dir=layout.logs)
         report.run_id = ledger.begin_run(current_hash, runner, getattr(pool, "size", 0), argv or sys.argv)
         driver = _Driver(ledger, layout, pool, display, results, report)
         old_term = signal.signal(signal.SIGTERM, _raise_stop)
@@ -216,13 +220,13 @@ def _default_pool_factory(*, gpus, jobs, ray_address, ray_cpus_per_job):
 
         def make_ray(options, *, timeout_s, log_dir):
             return RayPool(ray_address, options, timeout_s=timeout_s, log_dir=log_dir,
-                           use_gpus=options["device"] != "cpu", jobs=jobs, cpus_per_job=ray_cpus_per_job)
+                           use_gpus=options["runtime"]["device"] != "cpu", jobs=jobs, cpus_per_job=ray_cpus_per_job)
         return make_ray
 
     from .local import LocalPool, cpu_specs, gpu_specs
 
     def make_local(options, *, timeout_s, log_dir):
-        specs = gpu_specs(gpus) if gpus else cpu_specs(jobs or 1, hide_gpus=options["device"] == "cpu")
+        specs = gpu_specs(gpus) if gpus else cpu_specs(jobs or 1, hide_gpus=options["runtime"]["device"] == "cpu")
         return LocalPool(specs, options, timeout_s=timeout_s, log_dir=log_dir)
     return make_local
 

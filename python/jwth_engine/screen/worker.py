@@ -6,7 +6,8 @@ of a socket pair; messages are pickled tuples (multiprocessing `Connection`). A 
 rather than a fork: the driver may hold threads (Ray, rich) and torch must never be forked, and a
 native library that crashes takes only this process with it.
 
-Protocol (driver → worker): `{"name", "options", "job"}` once, then `("task", task)` per slide and
+Protocol (driver → worker): `{"name", "options", "job"}` once (`options`: the run's
+`RunConfig.to_dict()`), then `("task", task)` per slide and
 `("stop",)`. Worker → driver: `("ready", info)` or `("init_failed", kind, message)`, then per
 slide `("start", slide_id, t)`, optional `("prefetch", next_id)` (it began preparing the next
 slide, so a crash from now on may be either's), `("progress", slide_id, done, total)` and finally
@@ -45,12 +46,14 @@ class ScoreJob:
     def __init__(self, options: dict):
         import torch
 
-        from ..scorer import SlideScorer
-        from ..visuals import VisualOptions
+        from ..config import RunConfig
+        from ..scoring import SlideScorer
+        from ..scoring.visuals import VisualOptions
+        from .config import REPORT_KEY
 
         options = dict(options)
-        self.visuals = VisualOptions(report=True) if options.pop("report", False) else None
-        self.scorer = SlideScorer(**options)
+        self.visuals = VisualOptions(report=True) if options.pop(REPORT_KEY, False) else None
+        self.scorer = SlideScorer(RunConfig.from_dict(options))
         self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "device": str(self.scorer.device), "load_s": round(self.scorer.model.load_seconds, 2)}
 
@@ -61,7 +64,7 @@ class ScoreJob:
         prepared.close()
 
     def run(self, task: dict, prepared, progress) -> dict:
-        from ..outputs.atomic import sha256_file
+        from ..outputs import sha256_file
 
         staging = Path(task["staging"])
         staging.mkdir(parents=True, exist_ok=True)

@@ -24,14 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
-from .outputs import atomic_write_bytes, remove_stale_temps
-from .outputs.attention import AttentionCollector, render_attention_panel, write_attention_npz
-from .outputs.figures import colormap, jpeg_bytes, png_bytes, read_png, resize_rgb, write_png
-from .outputs.geojson import feature_collection, tile_features, tissue_features, write_geojson
-from .outputs.heatmap import (DEFAULT_COLORMAP, DEFAULT_OPACITY, DEFAULT_SIZE, MIN_SIZE, compose_heatmap,
-                              heatmap_layout, no_tissue_message, render_heatmap)
-from .outputs.report import ReportImages, random_parts, write_report
+from ..errors import ConfigError
+from ..outputs import atomic_write_bytes, remove_stale_temps
+from ..outputs.attention import AttentionCollector, render_attention_panel, write_attention_npz
+from ..outputs.figures import colormap, jpeg_bytes, png_bytes, read_png, resize_rgb, write_png
+from ..outputs.geojson import feature_collection, tile_features, tissue_features, write_geojson
+from ..outputs.heatmap import (DEFAULT_COLORMAP, DEFAULT_OPACITY, DEFAULT_SIZE, MIN_SIZE, compose_heatmap,
+                               heatmap_layout, no_tissue_message, render_heatmap)
+from ..outputs.report import ReportImages, write_report
+from ..slide import open_slide
+from ..tissue import detect_tissue
 
 
 @dataclass(frozen=True)
@@ -287,9 +289,6 @@ def heatmap_from_results(prefix: str | os.PathLike, options: VisualOptions, *, o
                          slide_path: str | None = None, reader: str = "auto") -> Path | None:
     """Draw NAME.heatmap.png (or `out`) from a results folder; None (nothing written) for a slide
     with no tissue tiles."""
-    from .slide import open_slide
-    from .tissue import detect_tissue
-
     check_visual_options(options)
     summary, table = read_results(prefix)
     classes = list(summary.get("classes") or [])
