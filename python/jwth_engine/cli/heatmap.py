@@ -18,6 +18,8 @@ def heatmap_style_options(func):
                      help="matplotlib colormap name."),
         click.option("--heatmap-opacity", "heatmap_opacity", type=click.FloatRange(0, 1, min_open=True),
                      default=DEFAULT_OPACITY, show_default=True, help="Opacity of the tile colours."),
+        click.option("--heatmap-scale", "heatmap_scale", type=click.Choice(["fixed", "slide"]), default="fixed",
+                     show_default=True, help="Colour scale: fixed [0, 1], or stretched over this slide's tiles."),
     ]
     for decorator in reversed(decorators):
         func = decorator(func)
@@ -47,12 +49,13 @@ def visual_options(func):
 @click.option("--slide", "slide_path", type=click.Path(dir_okay=False), default=None,
               help="Where the slide is now, if it moved since it was scored.")
 @click.option("--reader", type=click.Choice(["auto", "cucim", "openslide"]), default="auto", show_default=True)
-def heatmap(results, heatmap_class, heatmap_size, heatmap_colormap, heatmap_opacity, output, slide_path, reader):
+def heatmap(results, heatmap_class, heatmap_size, heatmap_colormap, heatmap_opacity, heatmap_scale, output,
+            slide_path, reader):
     """Draw the heat map of a scored slide from its outputs (NAME.summary.json + NAME.tiles.parquet)."""
     from ..scoring.visuals import VisualOptions, heatmap_from_results
 
     options = VisualOptions(heatmap=True, heatmap_class=heatmap_class, heatmap_size=heatmap_size,
-                            colormap=heatmap_colormap, opacity=heatmap_opacity)
+                            colormap=heatmap_colormap, opacity=heatmap_opacity, stretch=heatmap_scale == "slide")
     dest = heatmap_from_results(results, options, out=output, slide_path=slide_path, reader=reader)
     if dest is None:
         click.echo(f"{results}: no tissue tiles were scored on this slide; no heat map drawn", err=True)

@@ -22,7 +22,7 @@ from .options import config_options, run_config
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no backend notice on stderr.")
 @visual_options
 def score(slide, out, print_json, progress, quiet, heatmap, geojson, attention, report, heatmap_class, heatmap_size,
-          heatmap_colormap, heatmap_opacity, **settings):
+          heatmap_colormap, heatmap_opacity, heatmap_scale, **settings):
     """Score SLIDE: tissue detection, tiling, backbone, head; writes SLIDE.tiles.parquet and
     SLIDE.summary.json into --out."""
     from ..scoring import score_slide
@@ -31,7 +31,7 @@ def score(slide, out, print_json, progress, quiet, heatmap, geojson, attention, 
     config = run_config(settings, out=out)
     visuals = VisualOptions(heatmap=heatmap, geojson=geojson, report=report, attention=attention,
                             heatmap_class=heatmap_class, heatmap_size=heatmap_size, colormap=heatmap_colormap,
-                            opacity=heatmap_opacity)
+                            opacity=heatmap_opacity, stretch=heatmap_scale == "slide")
     if quiet:
         logging.getLogger("jwth_engine.backends").setLevel(logging.WARNING)
     show = (sys.stderr.isatty() if progress is None else progress) and not quiet

@@ -3,8 +3,9 @@
 Tiles are filled at their exact level-0 footprint scaled to the picture (x0 = round(x * s),
 x1 = round((x + w) * s), so neighbours share an edge and never overlap); pixels outside the tissue
 mask are washed out towards white so colour reads as "scored tissue"; the tissue outline is drawn
-on top. The colour scale is fixed to [0, 1] (a probability), so two slides' maps compare directly;
-the colour bar marks where this slide's tiles actually fall.
+on top. The colour scale is fixed to [0, 1] (a probability) by default, so two slides' maps compare
+directly, and the colour bar marks where this slide's tiles fall; `scale_range` stretches it to
+this slide's own range instead (hot spots within a slide stand out; maps no longer compare).
 
 `compose_heatmap` builds the exact pixel layer (what the tests check); `render_heatmap` frames it
 with a title and a colour bar into a PNG whose long side is `size` pixels.
@@ -52,7 +53,7 @@ def heatmap_layout(slide_width: int, slide_height: int, size: int) -> HeatmapLay
     font = max(7.0, size / 110.0)
     title_h = int(round(font * 4.6))
     margin = int(round(font * 0.8))
-    bar_w = int(round(font * 9.0))
+    bar_w = int(round(font * 11.0))
     avail_w, avail_h = size - margin - bar_w, size - title_h - margin
     # The tighter axis fills its space exactly, so that side of the PNG is `size` and the other
     # no longer.
@@ -102,7 +103,8 @@ class HeatmapLayers:
 
 def compose_heatmap(thumbnail: np.ndarray, tissue_mask: np.ndarray, mask_downsample: float, scale: float,
                     tiles_xywh, values: np.ndarray, *, cmap: str = DEFAULT_COLORMAP,
-                    opacity: float = DEFAULT_OPACITY, outline_px: int = 2) -> HeatmapLayers:
+                    opacity: float = DEFAULT_OPACITY, outline_px: int = 2,
+                    scale_range: tuple[float, float] = (0.0, 1.0)) -> HeatmapLayers:
     """The picture: thumbnail (already at the picture size), background washed out, tiles coloured
     by `values` through `cmap` at `opacity`, tissue outline on top."""
     if not 0.0 < opacity <= 1.0:
@@ -116,7 +118,7 @@ def compose_heatmap(thumbnail: np.ndarray, tissue_mask: np.ndarray, mask_downsam
     for (x0, y0, x1, y1), v in zip(tile_boxes(x, y, w, h, scale, width, height), np.asarray(values, np.float32)):
         value_layer[y0:y1, x0:x1] = v
     covered = ~np.isnan(value_layer)
-    colours = apply_colormap(value_layer[covered], colormap(cmap)).astype(np.float32)
+    colours = apply_colormap(value_layer[covered], colormap(cmap), *scale_range).astype(np.float32)
     base[covered] = base[covered] * (1.0 - opacity) + colours * opacity
     rgb = (base + 0.5).astype(np.uint8)
     rgb[outline(tissue, outline_px)] = OUTLINE_RGB
@@ -125,7 +127,7 @@ def compose_heatmap(thumbnail: np.ndarray, tissue_mask: np.ndarray, mask_downsam
 
 def render_heatmap(layers: HeatmapLayers, layout: HeatmapLayout, *, title: str, subtitle: str,
                    class_name: str, values: np.ndarray, cmap: str = DEFAULT_COLORMAP,
-                   warning: str | None = None) -> np.ndarray:
+                   warning: str | None = None, scale_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """The framed PNG pixels: title (slide, class), subtitle (model), optional warning line,
     the composed picture at layout.image_box, a [0, 1] colour bar with this slide's tile range."""
     import matplotlib.colorbar
@@ -143,12 +145,13 @@ def render_heatmap(layers: HeatmapLayers, layout: HeatmapLayout, *, title: str, 
     bar_left = layout.left + layout.width + int(round(fs * 1.2))
     bar_height = int(min(layout.height, max(layout.height * 0.6, fs * 20)))
     cax = axes_at(fig, bar_left, layout.top, int(round(fs * 1.6)), bar_height)
-    norm = Normalize(0.0, 1.0)
+    norm = Normalize(*scale_range)
+    stretched = tuple(scale_range) != (0.0, 1.0)
     bar = matplotlib.colorbar.ColorbarBase(cax, cmap=colormap(cmap), norm=norm, orientation="vertical")
-    bar.set_label(f"P({class_name}) per tile", fontsize=fs)
+    bar.set_label(f"P({class_name}) per tile" + (", this slide's range" if stretched else ""), fontsize=fs)
     cax.tick_params(labelsize=fs * 0.85)
     values = np.asarray(values, np.float64)
-    if values.size:
+    if values.size and not stretched:
         lo, hi = float(values.min()), float(values.max())
         # Where this slide's tiles fall on the fixed scale: a bracket left of the bar.
         edge = cax.get_yaxis_transform()

@@ -46,6 +46,7 @@ class VisualOptions:
     heatmap_size: int = DEFAULT_SIZE    # long side of the PNG, px
     colormap: str = DEFAULT_COLORMAP
     opacity: float = DEFAULT_OPACITY
+    stretch: bool = False               # colour scale over this slide's tile range instead of [0, 1]
 
     @property
     def wanted(self) -> bool:
@@ -124,12 +125,16 @@ def draw_heatmap(slide, tissue, x, y, w, h, values: np.ndarray, *, options: Visu
     layout = heatmap_layout(w0, h0, options.heatmap_size)
     thumb, _ = slide.thumbnail(max(layout.width, layout.height))
     thumb = resize_rgb(np.ascontiguousarray(thumb[..., :3]), layout.width, layout.height)
+    values = np.asarray(values, np.float64)
+    scale = (float(values.min()), float(values.max())) if options.stretch and values.size else (0.0, 1.0)
+    if scale[1] - scale[0] < 1e-6:
+        scale = (0.0, 1.0)              # one value: nothing to stretch
     layers = compose_heatmap(thumb, tissue.mask, tissue.downsample, layout.scale, (x, y, w, h), values,
-                             cmap=options.colormap, opacity=options.opacity)
+                             cmap=options.colormap, opacity=options.opacity, scale_range=scale)
     title, subtitle, warning = _heatmap_title(name, class_name, model_name, pooling, len(values), target_mpp,
                                               prediction, random)
     canvas = render_heatmap(layers, layout, title=title, subtitle=subtitle, class_name=class_name,
-                            values=values, cmap=options.colormap, warning=warning)
+                            values=values, cmap=options.colormap, warning=warning, scale_range=scale)
     return png_bytes(canvas)
 
 
