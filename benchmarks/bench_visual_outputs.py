@@ -47,6 +47,27 @@ def git_commit() -> str | None:
         return None
 
 
+def head_attention_cost(head_runner, tokens, repeats: int = 50) -> dict:
+    """The head kernel alone on one batch of the slide's tokens, attention weights off and on,
+    interleaved; µs per tile, medians."""
+    import torch
+
+    times = {"off": [], "on": []}
+    with torch.inference_mode():
+        for _ in range(3):
+            head_runner(tokens)
+            head_runner(tokens, need_attn=True)
+        for _ in range(repeats):
+            for key, need in (("off", False), ("on", True)):
+                t = time.perf_counter()
+                head_runner(tokens, need_attn=need)
+                times[key].append(time.perf_counter() - t)
+    n = tokens.shape[0]
+    off, on = statistics.median(times["off"]) / n * 1e6, statistics.median(times["on"]) / n * 1e6
+    return {"batch": n, "tokens": list(tokens.shape), "off_us_per_tile": round(off, 3),
+            "on_us_per_tile": round(on, 3), "on_over_off": round(on / off, 4)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = Path(os.environ.get("JWTH_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -89,6 +110,19 @@ def main() -> int:
                 seconds[variant].append(run(variant))
                 print(f"repeat {r + 1}/{args.repeats} {variant:<28} {seconds[variant][-1]:.3f} s", file=sys.stderr)
 
+    # One batch of real tokens of this slide for the head-kernel measurement.
+    import torch
+
+    prepared = scorer.prepare(args.slide)
+    try:
+        batch = next(iter(prepared.prefetcher))
+        stage = scorer.model.stage()
+        with torch.inference_mode():
+            tokens = stage.embed(stage.preprocess(batch.tiles))
+    finally:
+        prepared.close()
+    kernel = head_attention_cost(scorer.model.head_runner, tokens.float().contiguous())
+
     plain = seconds["plain"]
     result = {
         "benchmark": "visual_outputs", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -97,6 +131,7 @@ def main() -> int:
         "slide": args.slide, "model": args.model, "device": args.device, "repeats": args.repeats,
         "statistic": "median over repeats; overhead = median of per-repeat (variant / plain) - 1",
         "noise_plain_max_over_min_minus_1": round(max(plain) / min(plain) - 1, 4),
+        "head_kernel_attention": kernel,
         "variants": {},
     }
     for variant in names:

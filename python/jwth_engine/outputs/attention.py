@@ -27,7 +27,7 @@ from .figures import apply_colormap, colormap, figure_rgb, new_figure, paste
 
 ATTENTION_SCHEMA = "jwth-engine/attention/v1"
 OVERLAY_COLORMAP = "inferno"
-OVERLAY_ALPHA = 0.55
+OVERLAY_ALPHA = 0.75            # opacity where a map peaks; it falls to 0 where the map is lowest
 
 
 class AttentionCollector:
@@ -134,19 +134,23 @@ def upsample_map(attn_map: np.ndarray, patch_size: int) -> np.ndarray:
 
 def attention_overlay(tile_rgb: np.ndarray, attn_map: np.ndarray, patch_size: int, *,
                       cmap: str = OVERLAY_COLORMAP, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The tile (model input size, g*p square) with the map, scaled to its own maximum, blended on top."""
+    """The tile (model input size, g*p square) with the map stretched from its minimum to its
+    maximum and blended on top with an opacity that grows with the weight: where the head looks
+    away the tissue shows through unchanged, where it looks most the colour covers it."""
     up = upsample_map(attn_map, patch_size)
     if up.shape[:2] != tile_rgb.shape[:2]:
         raise ValueError(f"attention grid x patch size {up.shape[:2]} does not match the tile {tile_rgb.shape[:2]}")
-    peak = float(up.max())
-    colours = apply_colormap(up / peak if peak > 0 else up, colormap(cmap)).astype(np.float32)
-    return (tile_rgb.astype(np.float32) * (1 - alpha) + colours * alpha + 0.5).astype(np.uint8)
+    low, high = float(up.min()), float(up.max())
+    level = (up - low) / (high - low) if high > low else np.zeros_like(up)
+    colours = apply_colormap(level, colormap(cmap)).astype(np.float32)
+    weight = (alpha * level)[..., None]
+    return (tile_rgb.astype(np.float32) * (1 - weight) + colours * weight + 0.5).astype(np.uint8)
 
 
 def render_attention_panel(tile_rgb: np.ndarray, maps: np.ndarray, patch_size: int, *, title: str) -> np.ndarray:
     """One selected tile: [tile | mean over heads | heads in two rows at half size], titled.
 
-    Every map is scaled to its own maximum (softmax weights of different heads are not on one scale).
+    Every map is stretched over its own range (softmax weights of different heads are not on one scale).
     """
     heads = maps.shape[0]
     size = tile_rgb.shape[0]
@@ -160,7 +164,7 @@ def render_attention_panel(tile_rgb: np.ndarray, maps: np.ndarray, patch_size: i
     height = header + label_h + max(size, 2 * (small + 2)) + gap
     fig = new_figure(width, height)
     fig.text(gap / width, 1 - 4 / height, title, ha="left", va="top", fontsize=font + 1, weight="bold")
-    fig.text(gap / width, 1 - 20 / height, "each map scaled to its own maximum; patch grid "
+    fig.text(gap / width, 1 - 20 / height, "each map stretched from its lowest to its highest weight; patch grid "
              f"{maps.shape[-1]} x {maps.shape[-1]} of {patch_size} px", ha="left", va="top", fontsize=font - 1,
              color="#444444")
     heads_left = 3 * gap + 2 * size
