@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .atomic import atomic_path
-from .figures import apply_colormap, colormap, figure_rgb, new_figure, paste
+from .figures import apply_colormap, colormap
 
 ATTENTION_SCHEMA = "jwth-engine/attention/v1"
 OVERLAY_COLORMAP = "inferno"
@@ -128,8 +128,8 @@ def read_attention_npz(path: str | os.PathLike) -> dict:
 
 
 def upsample_map(attn_map: np.ndarray, patch_size: int) -> np.ndarray:
-    """[g, g] -> [g*p, g*p]: each patch's weight fills its p x p square (no smoothing across patches)."""
-    return np.kron(np.asarray(attn_map, np.float32), np.ones((patch_size, patch_size), np.float32))
+    """[g, g, ...] -> [g*p, g*p, ...]: each patch's value fills its p x p square."""
+    return np.repeat(np.repeat(np.asarray(attn_map, np.float32), patch_size, axis=0), patch_size, axis=1)
 
 
 def attention_overlay(tile_rgb: np.ndarray, attn_map: np.ndarray, patch_size: int, *,
@@ -137,46 +137,58 @@ def attention_overlay(tile_rgb: np.ndarray, attn_map: np.ndarray, patch_size: in
     """The tile (model input size, g*p square) with the map stretched from its minimum to its
     maximum and blended on top with an opacity that grows with the weight: where the head looks
     away the tissue shows through unchanged, where it looks most the colour covers it."""
-    up = upsample_map(attn_map, patch_size)
-    if up.shape[:2] != tile_rgb.shape[:2]:
-        raise ValueError(f"attention grid x patch size {up.shape[:2]} does not match the tile {tile_rgb.shape[:2]}")
-    low, high = float(up.min()), float(up.max())
-    level = (up - low) / (high - low) if high > low else np.zeros_like(up)
+    grid = np.asarray(attn_map, np.float32)
+    side = grid.shape[0] * patch_size
+    if (side, grid.shape[1] * patch_size) != tuple(tile_rgb.shape[:2]):
+        raise ValueError(f"attention grid {grid.shape} x patch size {patch_size} does not match the tile "
+                         f"{tile_rgb.shape[:2]}")
+    low, high = float(grid.min()), float(grid.max())
+    level = (grid - low) / (high - low) if high > low else np.zeros_like(grid)
+    # Colour and opacity per patch, then each patch's p x p square (no smoothing across patches).
     colours = apply_colormap(level, colormap(cmap)).astype(np.float32)
     weight = (alpha * level)[..., None]
-    return (tile_rgb.astype(np.float32) * (1 - weight) + colours * weight + 0.5).astype(np.uint8)
+    tint = upsample_map(colours * weight, patch_size)
+    keep = upsample_map(1.0 - weight, patch_size)
+    return (tile_rgb.astype(np.float32) * keep + tint + 0.5).astype(np.uint8)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)   # Pillow's bundled scalable font: nothing to install
 
 
 def render_attention_panel(tile_rgb: np.ndarray, maps: np.ndarray, patch_size: int, *, title: str) -> np.ndarray:
     """One selected tile: [tile | mean over heads | heads in two rows at half size], titled.
 
-    Every map is stretched over its own range (softmax weights of different heads are not on one scale).
+    Every map is stretched over its own range (softmax weights of different heads are not on one
+    scale). Drawn with PIL alone: one panel per selected tile is written while the slide is
+    scored, so it must cost milliseconds, not a matplotlib figure.
     """
+    from PIL import ImageDraw
+
     heads = maps.shape[0]
     size = tile_rgb.shape[0]
     small = size // 2
     per_row = max(1, (heads + 1) // 2)
-    font = 9.0
-    header = 34
-    gap = 6
-    label_h = 14
-    width = 2 * size + 3 * gap + per_row * (small + 2) + gap
-    height = header + label_h + max(size, 2 * (small + 2)) + gap
-    fig = new_figure(width, height)
-    fig.text(gap / width, 1 - 4 / height, title, ha="left", va="top", fontsize=font + 1, weight="bold")
-    fig.text(gap / width, 1 - 20 / height, "each map stretched from its lowest to its highest weight; patch grid "
-             f"{maps.shape[-1]} x {maps.shape[-1]} of {patch_size} px", ha="left", va="top", fontsize=font - 1,
-             color="#444444")
+    header, label_h, gap = 40, 18, 6
     heads_left = 3 * gap + 2 * size
+    width = heads_left + per_row * (small + 2) + gap
+    height = header + label_h + max(size, 2 * (small + 2)) + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((gap, 4), title, fill=(0, 0, 0), font=_font(15))
+    draw.text((gap, 23), f"each map stretched from its lowest to its highest weight; patch grid "
+              f"{maps.shape[-1]} x {maps.shape[-1]} of {patch_size} px", fill=(70, 70, 70), font=_font(11))
     for left, text in ((gap, "tile"), (2 * gap + size, f"mean of {heads} heads"), (heads_left, "per head")):
-        fig.text(left / width, 1 - (header + 1) / height, text, ha="left", va="top", fontsize=font)
-    canvas = figure_rgb(fig, width, height)
+        draw.text((left, header + 2), text, fill=(0, 0, 0), font=_font(12))
     top = header + label_h
-    paste(canvas, tile_rgb, gap, top)
-    paste(canvas, attention_overlay(tile_rgb, maps.astype(np.float32).mean(axis=0), patch_size), 2 * gap + size, top)
+    canvas.paste(Image.fromarray(tile_rgb), (gap, top))
+    mean = attention_overlay(tile_rgb, maps.astype(np.float32).mean(axis=0), patch_size)
+    canvas.paste(Image.fromarray(mean), (2 * gap + size, top))
     for i in range(heads):
         col, row = i % per_row, i // per_row
-        overlay = attention_overlay(tile_rgb, maps[i], patch_size)
-        overlay = np.asarray(Image.fromarray(overlay).resize((small, small), Image.Resampling.BOX))
-        paste(canvas, overlay, heads_left + col * (small + 2), top + row * (small + 2))
-    return canvas
+        overlay = Image.fromarray(attention_overlay(tile_rgb, maps[i], patch_size))
+        canvas.paste(overlay.resize((small, small), Image.Resampling.BOX),
+                     (heads_left + col * (small + 2), top + row * (small + 2)))
+    return np.asarray(canvas)

@@ -67,10 +67,13 @@ def apply_colormap(values: np.ndarray, cmap, vmin: float = 0.0, vmax: float = 1.
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
+    # zlib level 1: a 1400 px heat map encodes several times faster than at the default level (and
+    # an order of magnitude faster than optimize=True) for ~15 % more bytes; a picture written
+    # during scoring is on the slide's critical path.
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
