@@ -76,16 +76,22 @@ def tissue_polygons(mask: np.ndarray, downsample: float, *, simplify_px: float =
     if not mask.any():
         return []
     padded = np.pad(mask.astype(np.uint8), 1)
-    shape = None
+    rings = []
     for contour in find_contours(padded, 0.5):
         if len(contour) < 4:
             continue
-        ring = Polygon(np.column_stack([contour[:, 1] - 0.5, contour[:, 0] - 0.5]))
+        # Simplified ring by ring (a traced contour has a vertex per mask pixel): the even-odd
+        # combination below then works on a fraction of the vertices.
+        ring = Polygon(np.column_stack([contour[:, 1] - 0.5, contour[:, 0] - 0.5])).simplify(simplify_px)
         ring = make_valid(ring) if not ring.is_valid else ring
+        if not ring.is_empty:
+            rings.append(ring)
+    shape = None
+    for ring in sorted(rings, key=lambda r: -r.area):
         shape = ring if shape is None else shape.symmetric_difference(ring)
     if shape is None:
         return []
-    shape = make_valid(shape.simplify(simplify_px, preserve_topology=True))
+    shape = make_valid(shape)
     shape = affinity.scale(shape, xfact=downsample, yfact=downsample, origin=(0, 0))
     parts = list(shape.geoms) if hasattr(shape, "geoms") else [shape]
     polygons = []

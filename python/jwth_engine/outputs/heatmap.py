@@ -19,7 +19,7 @@ import numpy as np
 
 from .figures import apply_colormap, axes_at, colormap, figure_rgb, new_figure, paste
 
-DEFAULT_SIZE = 1400
+DEFAULT_SIZE = 1200
 DEFAULT_COLORMAP = "viridis"
 DEFAULT_OPACITY = 0.7
 BACKGROUND_WASH = 0.6          # fraction of white mixed into non-tissue pixels
@@ -111,16 +111,20 @@ def compose_heatmap(thumbnail: np.ndarray, tissue_mask: np.ndarray, mask_downsam
         raise ValueError(f"opacity must be within (0, 1], got {opacity}")
     height, width = thumbnail.shape[:2]
     tissue = tissue_on_picture(tissue_mask, mask_downsample, scale, width, height)
-    base = thumbnail.astype(np.float32)
-    base[~tissue] = base[~tissue] * (1.0 - BACKGROUND_WASH) + 255.0 * BACKGROUND_WASH
+    rgb = thumbnail.copy()
+    # Arithmetic on the selected pixels only: the picture is over a megapixel and this runs while
+    # the slide is being scored.
+    background = ~tissue
+    rgb[background] = (thumbnail[background] * np.float32(1.0 - BACKGROUND_WASH)
+                       + np.float32(255.0 * BACKGROUND_WASH) + np.float32(0.5)).astype(np.uint8)
     value_layer = np.full((height, width), np.nan, np.float32)
     x, y, w, h = tiles_xywh
     for (x0, y0, x1, y1), v in zip(tile_boxes(x, y, w, h, scale, width, height), np.asarray(values, np.float32)):
         value_layer[y0:y1, x0:x1] = v
     covered = ~np.isnan(value_layer)
     colours = apply_colormap(value_layer[covered], colormap(cmap), *scale_range).astype(np.float32)
-    base[covered] = base[covered] * (1.0 - opacity) + colours * opacity
-    rgb = (base + 0.5).astype(np.uint8)
+    rgb[covered] = (rgb[covered] * np.float32(1.0 - opacity) + colours * np.float32(opacity)
+                    + np.float32(0.5)).astype(np.uint8)
     rgb[outline(tissue, outline_px)] = OUTLINE_RGB
     return HeatmapLayers(rgb, covered, value_layer, tissue)
 
@@ -129,25 +133,37 @@ def render_heatmap(layers: HeatmapLayers, layout: HeatmapLayout, *, title: str, 
                    class_name: str, values: np.ndarray, cmap: str = DEFAULT_COLORMAP,
                    warning: str | None = None, scale_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """The framed PNG pixels: title (slide, class), subtitle (model), optional warning line,
-    the composed picture at layout.image_box, a [0, 1] colour bar with this slide's tile range."""
+    the composed picture at layout.image_box, a colour bar with this slide's tile range.
+
+    matplotlib draws only the title strip and the colour-bar column, as two small figures: a
+    figure the size of the whole PNG would spend most of its time filling white pixels."""
     import matplotlib.colorbar
     from matplotlib.colors import Normalize
 
-    fig = new_figure(layout.png_width, layout.png_height)
     fs = layout.font
-    fig.text(layout.left / layout.png_width, 1 - 0.3 * fs / layout.png_height * 1.0, title,
-             ha="left", va="top", fontsize=fs * 1.25, weight="bold")
-    fig.text(layout.left / layout.png_width, 1 - 2.0 * fs / layout.png_height, subtitle,
-             ha="left", va="top", fontsize=fs * 0.9, color="#333333")
+    canvas = np.full((layout.png_height, layout.png_width, 3), 255, np.uint8)
+    strip = new_figure(layout.png_width, layout.top)
+    x0 = layout.left / layout.png_width
+
+    def at(px: float) -> float:
+        return 1 - px / layout.top
+
+    strip.text(x0, at(0.3 * fs), title, ha="left", va="top", fontsize=fs * 1.25, weight="bold")
+    strip.text(x0, at(2.0 * fs), subtitle, ha="left", va="top", fontsize=fs * 0.9, color="#333333")
     if warning:
-        fig.text(layout.left / layout.png_width, 1 - 3.2 * fs / layout.png_height, warning,
-                 ha="left", va="top", fontsize=fs * 0.9, color="#b00020", weight="bold")
-    bar_left = layout.left + layout.width + int(round(fs * 1.2))
+        strip.text(x0, at(3.2 * fs), warning, ha="left", va="top", fontsize=fs * 0.9, color="#b00020",
+                   weight="bold")
+    paste(canvas, figure_rgb(strip, layout.png_width, layout.top), 0, 0)
+
+    column_left = layout.left + layout.width
+    column_w = layout.png_width - column_left
     bar_height = int(min(layout.height, max(layout.height * 0.6, fs * 20)))
-    cax = axes_at(fig, bar_left, layout.top, int(round(fs * 1.6)), bar_height)
-    norm = Normalize(*scale_range)
+    column_h = min(layout.height, bar_height + int(4 * fs))
+    column = new_figure(column_w, column_h)
+    cax = axes_at(column, int(round(fs * 1.2)), 0, int(round(fs * 1.6)), bar_height)
     stretched = tuple(scale_range) != (0.0, 1.0)
-    bar = matplotlib.colorbar.ColorbarBase(cax, cmap=colormap(cmap), norm=norm, orientation="vertical")
+    bar = matplotlib.colorbar.ColorbarBase(cax, cmap=colormap(cmap), norm=Normalize(*scale_range),
+                                           orientation="vertical")
     bar.set_label(f"P({class_name}) per tile" + (", this slide's range" if stretched else ""), fontsize=fs)
     cax.tick_params(labelsize=fs * 0.85)
     values = np.asarray(values, np.float64)
@@ -160,7 +176,7 @@ def render_heatmap(layers: HeatmapLayers, layout: HeatmapLayout, *, title: str, 
             cax.plot([-0.6, -0.05], [v, v], color="black", linewidth=1.5, transform=edge, clip_on=False)
         cax.text(0.0, -0.015, f"tiles\n{lo:.3f}–{hi:.3f}", transform=cax.transAxes, ha="left",
                  va="top", fontsize=fs * 0.8)
-    canvas = figure_rgb(fig, layout.png_width, layout.png_height)
+    paste(canvas, figure_rgb(column, column_w, column_h), column_left, layout.top)
     paste(canvas, layers.rgb, layout.left, layout.top)
     return canvas
 
