@@ -39,8 +39,16 @@ def test_bench_plot_draws_stages_and_head_latency():
 def test_confusion_matrix_shading_follows_counts():
     image = confusion_matrix_plot(np.array([[9, 1], [0, 10]]), ["a", "b"], title="t", size=400)
     assert image.shape == (400, 400, 3)
-    dark = (image.sum(axis=2) < 300)
-    assert dark.sum() > 1000      # the two high-count diagonal cells are dark blue
+    # axes at [0.22, 0.18, 0.72, 0.68] of 400 px: 288 x 272 px, square cells of 136 px centred
+    def cell(i, j):
+        x, y = 88 + 8 + 68 + 136 * j, 56 + 68 + 136 * i - 35       # above the count's text
+        return np.median(image[y - 5:y + 5, x - 5:x + 5].reshape(-1, 3), axis=0)
+    for i in range(2):
+        r, g, b = cell(i, i)
+        assert b > r + 60 and r < 120           # 90 % and 100 % of the row: dark blue
+    assert (cell(1, 0) > 240).all()             # no tile: white
+    r, g, b = cell(0, 1)
+    assert 150 < r < 240 and b > r             # 10 %: pale blue
 
 
 def test_bench_cli_writes_the_plot(cli_cmd, cmu_small, tmp_path):
