@@ -134,6 +134,7 @@ setup(
         "timm>=1.0.20",
         "safetensors",
         "pyarrow",
+        "h5py",
         "click>=8",
         "rich",
         "scikit-image",
@@ -159,6 +160,9 @@ setup(
         # Some TensorRT wheels live only on NVIDIA's own package index; if pip cannot resolve this
         # extra, add that index with --extra-index-url as TensorRT's install guide describes.
         "tensorrt": ["tensorrt-cu12"],
+        # Everything the GPU tests need beyond `cu13`: ONNX Runtime's CUDA build and TensorRT for
+        # CUDA 13. `JWTH_REQUIRE_GPU=1 pytest` then fails, instead of skipping, any test that lacks them.
+        "gpu": ["cucim-cu13", "onnxruntime-gpu", "tensorrt-cu13"],
         # FP8 engines are built from an ONNX graph quantised by NVIDIA's Model Optimizer.
         "fp8": ["nvidia-modelopt[onnx]"],
     },

@@ -37,10 +37,15 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import torch
 
-from jwth_engine import runtime
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import add_dry_run, dry_run_exit, finish, provenance, write_result  # noqa: E402
+
+from jwth_engine import runtime  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("JWTH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -281,11 +286,14 @@ def main() -> None:
     parser.add_argument("--slide", default=str(DATA / "wsi" / "aperio_svs" / "CMU-1-Small-Region.svs"),
                         help="slide for the end-to-end comparison ('' to skip)")
     parser.add_argument("--out", default=None)
+    add_dry_run(parser)
     args = parser.parse_args()
+    dry_run_exit(args)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    result = {"benchmark": "backbones", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    result = {"benchmark": "backbones", "provenance": provenance(),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(device),
               "config": {"preset": args.preset, "batch": args.batch, "device": args.device, "threads": args.threads,
                          "repeats": args.repeats, "layerscale": args.layerscale,
@@ -311,7 +319,8 @@ def main() -> None:
     result["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"backbones_{device.type}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    finish(result["provenance"])
+    write_result(out, result)
     print(f"wrote {out}")
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from _gpu import pytest_runtest_makereport  # noqa: F401  (JWTH_REQUIRE_GPU=1 turns GPU skips into failures)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("JWTH_TEST_DATA", REPO_ROOT.parent / "shared" / "data")).resolve()
 

@@ -31,6 +31,8 @@ from jwth_engine import _native
 from jwth_engine.heads.native import NativeHead, ReferenceHead, make_head_runner
 from jwth_engine.heads.reference import JwthPoolingHead, LinearProbeHead
 
+from _gpu import gpu_skip
+
 C_ = _native.load()
 
 #        D,    P,   H,  R,  B, C
@@ -130,9 +132,9 @@ def check_against_reference(case, dtype, device, seed=0):
 
 def require_cuda():
     if not C_.cuda_compiled():
-        pytest.skip("jwth_engine._C was built without CUDA")
+        gpu_skip("jwth_engine._C was built without CUDA")
     if not torch.cuda.is_available() or C_.cuda_device_count() == 0:
-        pytest.skip("no CUDA GPU on this machine (kernels are compiled, not run)")
+        gpu_skip("no CUDA GPU on this machine (kernels are compiled, not run)")
 
 
 # ---- CPU -------------------------------------------------------------------------------------------
@@ -156,6 +158,28 @@ def test_cpu_every_isa(case):
             check_against_reference(case, torch.bfloat16 if isa == "base" else torch.float32, "cpu")
     finally:
         C_.set_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("case", [(1024, 256, 8, 4, 1, 2), (776, 97, 8, 2, 2, 3), (384, 33, 16, 0, 3, 2),
+                                  (64, 1, 2, 1, 1, 2)], ids=case_id)
+def test_cpu_split_token_pass(case, threads):
+    """Fewer tiles than threads: each tile's tokens are split into runs whose softmax states are
+    merged after (uneven runs, more threads than chunks, a single token): still the reference."""
+    D, P, H, R, B, C = case
+    head = make_head(D, C, H, R)
+    tokens = make_tokens(B, 1 + R + P, D)
+    with torch.no_grad():
+        ref = head(tokens, need_attn=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = NativeHead(head)(tokens.float(), need_attn=True, need_pooled=True)
+    finally:
+        torch.set_num_threads(previous)
+    errors = {name: rel(getattr(out, name), getattr(ref, name)) for name in ("logits", "pooled", "attn")}
+    assert all(e <= TOL["cpu"] for e in errors.values()), (case_id(case), threads, errors)
+    assert (out.attn.double().sum(-1) - 1).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

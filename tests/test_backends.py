@@ -17,6 +17,7 @@ from jwth_engine.errors import BackendUnavailable, ConfigError
 from jwth_engine.heads.reference import JwthPoolingHead
 
 from _backbones import lively_backbone
+from _gpu import gpu_skip
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 NO_TRT = (False, "not installed (tensorrt): pip install 'jwth-engine[tensorrt]'")
@@ -51,14 +52,14 @@ def test_auto_prefers_tensorrt_only_with_a_gpu():
 
 
 def test_unavailable_backends_say_what_to_install():
-    with pytest.raises(BackendUnavailable, match=r"--backend tensorrt: tensorrt is not installed.*pip install"):
+    with pytest.raises(BackendUnavailable, match=r"^backend tensorrt: tensorrt is not installed.*pip install"):
         choose_backend("tensorrt", CUDA, tensorrt=NO_TRT, onnxruntime=ORT)
     with pytest.raises(BackendUnavailable, match="needs a CUDA GPU"):
         choose_backend("tensorrt", CPU, tensorrt=TRT, onnxruntime=ORT)
     with pytest.raises(BackendUnavailable, match="onnxruntime is not installed.*pip install onnxruntime"):
         choose_backend("onnxruntime", CPU, tensorrt=NO_TRT,
                        onnxruntime=(False, "not installed (onnxruntime): pip install onnxruntime"))
-    with pytest.raises(ConfigError, match="--backend 'jax'"):
+    with pytest.raises(ConfigError, match="^backend 'jax'"):
         choose_backend("jax", CPU, tensorrt=NO_TRT, onnxruntime=ORT)
 
 
@@ -89,9 +90,9 @@ def test_select_on_this_machine_logs_the_choice(monkeypatch):
     info = backend.describe()
     assert info["reason"] in messages[0] and info["name"] == "torch" and not info["compiled"]
     json.dumps(info)  # goes into the slide summary
-    with pytest.raises(BackendUnavailable, match="--device cuda: torch sees no CUDA GPU"):
+    with pytest.raises(BackendUnavailable, match="^device cuda: torch sees no CUDA GPU"):
         select_backend(lively_backbone(), device="cuda", log=messages.append)
-    with pytest.raises(BackendUnavailable, match="--backend tensorrt"):
+    with pytest.raises(BackendUnavailable, match="^backend tensorrt"):
         select_backend(lively_backbone(), backend="tensorrt", log=messages.append)
 
 
@@ -167,7 +168,7 @@ def test_onnxruntime_backend_rejects_low_precision(tmp_path):
 @pytest.fixture
 def cuda_device():
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch")
+        gpu_skip("no CUDA GPU visible to torch")
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -193,7 +194,7 @@ def test_onnxruntime_cuda_io_binding(cuda_device, tmp_path):
     import onnxruntime
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        pytest.skip("onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)")
+        gpu_skip("onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu not installed)")
     backbone = lively_backbone()
     backend = select_backend(backbone, backend="onnxruntime", device="cuda", cache_dir=str(tmp_path),
                              log=lambda m: None)

@@ -12,6 +12,8 @@ import pytest
 
 from jwth_engine import _native
 
+from _gpu import gpu_skip
+
 
 def _nvcc_present() -> bool:
     return bool(shutil.which("nvcc") or os.environ.get("CUDACXX") or Path("/usr/local/cuda/bin/nvcc").is_file())
@@ -28,7 +30,7 @@ def test_imports_and_describes():
                     reason="JWTH_SKIP_CUDA set: a CPU-only build is what was asked for")
 def test_cuda_kernels_compiled_when_nvcc_exists():
     if not _nvcc_present():
-        pytest.skip("no nvcc on this machine")
+        gpu_skip("no nvcc on this machine")
     C = _native.load()
     assert C.cuda_compiled(), "nvcc is here but _C has no CUDA kernels: rebuild (pip install . or build_ext --inplace)"
     assert "sm" in C.cuda_runtime_info()

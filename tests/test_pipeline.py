@@ -23,6 +23,8 @@ from jwth_engine.slide import Slide, open_slide
 from jwth_engine.tiling import plan_tiles
 from jwth_engine.tissue import detect_tissue
 
+from _gpu import gpu_skip
+
 TINY = "test_tiny_patch14_reg4"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -398,11 +400,11 @@ def test_prefetcher_started_before_scoring(stage, cmu, cmu_grid, tcga_jp2k):
 
 def test_streaming_gpu_matches_sequential(cmu, cmu_grid):
     if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
+        gpu_skip("no CUDA GPU")
     from jwth_engine import _native
 
     if not _native.cuda_compiled():
-        pytest.skip("jwth_engine._C built without CUDA kernels")
+        gpu_skip("jwth_engine._C built without CUDA kernels")
     from jwth_engine.backends import select_backend
     from jwth_engine.heads import random_head
     from jwth_engine.heads.native import make_head_runner

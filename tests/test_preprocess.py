@@ -19,6 +19,8 @@ import torch
 from jwth_engine import _native
 from jwth_engine.preprocess import preprocess, preprocess_reference
 
+from _gpu import gpu_skip
+
 C_ = _native.load()
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZES = [((224, 224), 224), ((448, 448), 224), ((300, 300), 224), ((200, 200), 224), ((512, 512), 256),
@@ -103,9 +105,9 @@ def test_rejects_bad_input():
 @pytest.mark.parametrize("hw,size", SIZES, ids=lambda v: str(v))
 def test_cuda_matches_reference(hw, size, dtype):
     if not C_.cuda_compiled():
-        pytest.skip("jwth_engine._C was built without CUDA")
+        gpu_skip("jwth_engine._C was built without CUDA")
     if not torch.cuda.is_available() or C_.cuda_device_count() == 0:
-        pytest.skip("no CUDA GPU on this machine (kernels are compiled, not run)")
+        gpu_skip("no CUDA GPU on this machine (kernels are compiled, not run)")
     check(hw, size, dtype, batch=5, device="cuda")
     out = preprocess(tiles(2, *hw), size, MEAN, STD, dtype=dtype, device="cuda")  # CPU tiles, GPU output
     assert out.device.type == "cuda"

@@ -19,6 +19,7 @@ from jwth_engine.cli.export import build_engine as build_engine_command
 from jwth_engine.errors import BackendUnavailable, ConfigError
 
 from _backbones import lively_backbone
+from _gpu import gpu_skip
 
 
 KEY_ARGS = dict(precision="bf16", max_batch=64, gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
@@ -72,7 +73,7 @@ def test_missing_tensorrt_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)       # import tensorrt -> ImportError
     ok, detail = trt_backend.tensorrt_status()
     assert not ok and "pip install 'jwth-engine[tensorrt]'" in detail
-    with pytest.raises(BackendUnavailable, match=r"--backend tensorrt: tensorrt is not installed.*pip install"):
+    with pytest.raises(BackendUnavailable, match=r"^backend tensorrt: tensorrt is not installed.*pip install"):
         select_backend(lively_backbone(), backend="tensorrt", log=lambda m: None)
     with pytest.raises(BackendUnavailable, match="build-engine: tensorrt is not installed"):
         trt_backend.build_engine(lively_backbone(), precision="fp16", max_batch=4)
@@ -94,9 +95,9 @@ def test_fp8_without_modelopt_is_explained(monkeypatch, tmp_path):
 def trt_gpu():
     ok, detail = trt_backend.tensorrt_status()
     if not ok:
-        pytest.skip(f"tensorrt not usable here: {detail}")
+        gpu_skip(f"tensorrt not usable here: {detail}")
     if not torch.cuda.is_available():
-        pytest.skip("TensorRT tests need a CUDA GPU; torch sees none")
+        gpu_skip("TensorRT tests need a CUDA GPU; torch sees none")
     return torch.device("cuda", torch.cuda.current_device())
 
 

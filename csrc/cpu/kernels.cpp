@@ -216,6 +216,23 @@ void linear(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const 
   }
 }
 
+// ---- stage C's value projection, all heads in one parallel region ------------------------------
+// o[b, h d + r] = W_v[h d + r, :] . z[b, h, :] + b_v[h d + r]: H small linear layers with
+// different inputs. One task per (head, block of kCols output rows), dot form along D (both
+// operands contiguous), instead of one parallel region (and its barriers) per head: on a busy
+// machine each barrier can wait a scheduler quantum.
+void value_projection(int64_t B, int64_t D, int64_t H, const float* z, const float* wv, const float* bv, float* o,
+                      int nthreads) {
+  constexpr int64_t kCols = 16;
+  const int64_t d = D / H, blocks = (d + kCols - 1) / kCols;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t task = 0; task < H * blocks; ++task) {
+    const int64_t h = task / blocks, n0 = (task % blocks) * kCols;
+    gemm_nt(B, std::min(kCols, d - n0), D, z + h * D, H * D, wv + (h * d + n0) * D, D, o + h * d + n0, D, 1.f,
+            bv + h * d + n0, false);
+  }
+}
+
 template <typename T>
 void gather_class_tokens(const T* tokens, int64_t B, int64_t T_, int64_t D, float* out, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -230,61 +247,112 @@ void gather_class_tokens(const T* tokens, int64_t B, int64_t T_, int64_t D, floa
 // Z += A X (axpy form). A chunk (<= 32 x D floats) stays in L2 between the two products, so each
 // token is read from memory once. Raw scores go to `attn` and are normalised with the final
 // max/sum at the end, so the returned weights are the exact softmax.
+//
+// With fewer tiles than threads (B = 1 at the end of a slide, or a latency-bound caller) each
+// tile's chunks are split into runs, one task per run, and the runs' softmax states (max m, sum l,
+// unnormalised Z) are merged after, as flash-decoding splits the key sequence: otherwise a single
+// tile would run on one core while the others wait at the barrier.
 constexpr int64_t kChunk = 32;
+
+template <typename T>
+struct TokenRun {
+  // Tokens [i_begin, i_end) of one tile into Zs (H x D, unnormalised), m and l (H each).
+  static void run(const JwthPoolParams& p, const T* tile, const float* Ub, float* Zs, float* m, float* l, float* attn,
+                  int64_t i_begin, int64_t i_end, float* converted, float* S, float* probs) {
+    const int64_t D = p.D, P = p.P, H = p.H;
+    std::fill(Zs, Zs + H * D, 0.f);
+    std::fill(m, m + H, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + H, 0.f);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kChunk) {
+      const int64_t n = std::min(kChunk, i_end - i0);
+      const float* X;
+      if constexpr (std::is_same<T, float>::value) {
+        X = tile + i0 * D;
+      } else {
+        const T* src = tile + i0 * D;
+        for (int64_t e = 0; e < n * D; ++e) converted[e] = to_float(src[e]);
+        X = converted;
+      }
+      gemm_nt(n, H, D, X, D, Ub, D, S, H, 1.f, nullptr, false);
+      for (int64_t h = 0; h < H; ++h) {
+        float mx = m[h];
+        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, S[i * H + h]);
+        const float rescale = std::exp(m[h] - mx);  // 0 on the first chunk (m = -inf)
+        float sum = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+          const float s = S[i * H + h];
+          const float e = std::exp(s - mx);
+          probs[h * kChunk + i] = e;
+          sum += e;
+          if (attn) attn[h * P + i0 + i] = s;
+        }
+        l[h] = l[h] * rescale + sum;
+        m[h] = mx;
+        if (rescale != 1.f)
+          for (int64_t k = 0; k < D; ++k) Zs[h * D + k] *= rescale;
+      }
+      gemm_nn(H, D, n, probs, kChunk, 1, X, D, Zs, D, 1.f, nullptr, true);
+    }
+  }
+};
 
 template <typename T>
 void token_pass(const JwthPoolParams& p, const float* U, float* Z, int nthreads) {
   const int64_t B = p.B, T_ = p.T, D = p.D, P = p.P, H = p.H;
   const T* tokens = static_cast<const T*>(p.tokens);
+  const int64_t chunks = (P + kChunk - 1) / kChunk;
+  const int64_t splits = B >= nthreads ? 1 : std::min<int64_t>(chunks, (nthreads + B - 1) / B);
+  // Split runs keep their own state; run 0 of each tile writes straight into Z.
+  std::vector<float> part_z(splits > 1 ? size_t(B * (splits - 1) * H * D) : 0);
+  std::vector<float> part_ml(splits > 1 ? size_t(B * splits * 2 * H) : 0);
 #pragma omp parallel num_threads(nthreads)
   {
     std::vector<float> converted(std::is_same<T, float>::value ? 0 : size_t(kChunk * D));
     std::vector<float> S(static_cast<size_t>(kChunk * H)), probs(static_cast<size_t>(H * kChunk));
-    std::vector<float> m(static_cast<size_t>(H)), l(static_cast<size_t>(H));
+    std::vector<float> ml(static_cast<size_t>(2 * H));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t task = 0; task < B * splits; ++task) {
+      const int64_t b = task / splits, s = task % splits;
       const T* tile = tokens + (b * T_ + p.num_prefix) * D;
-      const float* Ub = U + b * H * D;
-      float* Zb = Z + b * H * D;
       float* attn = p.attn ? p.attn + b * H * P : nullptr;
-      std::fill(Zb, Zb + H * D, 0.f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-      for (int64_t i0 = 0; i0 < P; i0 += kChunk) {
-        const int64_t n = std::min(kChunk, P - i0);
-        const float* X;
-        if constexpr (std::is_same<T, float>::value) {
-          X = tile + i0 * D;
-        } else {
-          const T* src = tile + i0 * D;
-          for (int64_t e = 0; e < n * D; ++e) converted[size_t(e)] = to_float(src[e]);
-          X = converted.data();
-        }
-        gemm_nt(n, H, D, X, D, Ub, D, S.data(), H, 1.f, nullptr, false);
-        for (int64_t h = 0; h < H; ++h) {
-          float mx = m[size_t(h)];
-          for (int64_t i = 0; i < n; ++i) mx = std::max(mx, S[size_t(i * H + h)]);
-          const float rescale = std::exp(m[size_t(h)] - mx);  // 0 on the first chunk (m = -inf)
-          float sum = 0.f;
-          for (int64_t i = 0; i < n; ++i) {
-            const float s = S[size_t(i * H + h)];
-            const float e = std::exp(s - mx);
-            probs[size_t(h * kChunk + i)] = e;
-            sum += e;
-            if (attn) attn[h * P + i0 + i] = s;
-          }
-          l[size_t(h)] = l[size_t(h)] * rescale + sum;
-          m[size_t(h)] = mx;
-          if (rescale != 1.f)
-            for (int64_t k = 0; k < D; ++k) Zb[h * D + k] *= rescale;
-        }
-        gemm_nn(H, D, n, probs.data(), kChunk, 1, X, D, Zb, D, 1.f, nullptr, true);
-      }
+      const int64_t i_begin = (s * chunks / splits) * kChunk;
+      const int64_t i_end = std::min(P, ((s + 1) * chunks / splits) * kChunk);
+      float* Zs = s == 0 ? Z + b * H * D : part_z.data() + (b * (splits - 1) + s - 1) * H * D;
+      float* m = splits > 1 ? part_ml.data() + (b * splits + s) * 2 * H : ml.data();
+      float* l = m + H;
+      TokenRun<T>::run(p, tile, U + b * H * D, Zs, m, l, attn, i_begin, i_end, converted.data(), S.data(),
+                       probs.data());
+      if (splits > 1) continue;
       for (int64_t h = 0; h < H; ++h) {
-        const float inv = 1.f / l[size_t(h)];
-        for (int64_t k = 0; k < D; ++k) Zb[h * D + k] *= inv;
+        const float inv = 1.f / l[h];
+        for (int64_t k = 0; k < D; ++k) Zs[h * D + k] *= inv;
         if (attn)
-          for (int64_t i = 0; i < P; ++i) attn[h * P + i] = std::exp(attn[h * P + i] - m[size_t(h)]) * inv;
+          for (int64_t i = 0; i < P; ++i) attn[h * P + i] = std::exp(attn[h * P + i] - m[h]) * inv;
+      }
+    }
+    if (splits > 1) {
+      // Merge the runs of each (tile, head): M = max_s m_s, weights e^(m_s - M), L = sum_s l_s e^(m_s - M).
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < B * H; ++task) {
+        const int64_t b = task / H, h = task % H;
+        const float* mls = part_ml.data() + b * splits * 2 * H;
+        float M = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < splits; ++s) M = std::max(M, mls[s * 2 * H + h]);
+        float L = 0.f;
+        for (int64_t s = 0; s < splits; ++s) L += mls[s * 2 * H + H + h] * std::exp(mls[s * 2 * H + h] - M);
+        const float inv = 1.f / L;
+        float* Zh = Z + b * H * D + h * D;
+        const float w0 = std::exp(mls[h] - M) * inv;
+        for (int64_t k = 0; k < D; ++k) Zh[k] *= w0;
+        for (int64_t s = 1; s < splits; ++s) {
+          const float ws = std::exp(mls[s * 2 * H + h] - M) * inv;
+          const float* Zp = part_z.data() + (b * (splits - 1) + s - 1) * H * D + h * D;
+          for (int64_t k = 0; k < D; ++k) Zh[k] += ws * Zp[k];
+        }
+        if (p.attn) {
+          float* a = p.attn + b * H * P + h * P;
+          for (int64_t i = 0; i < P; ++i) a[i] = std::exp(a[i] - M) * inv;
+        }
       }
     }
   }
@@ -422,8 +490,7 @@ void jwth_pool(const JwthPoolParams& p) {
     token_pass<T>(p, u, z, nthreads);
   });
   // Stage C.
-  for (int64_t h = 0; h < H; ++h)
-    linear(B, d, D, z + h * D, H * D, p.wv + h * d * D, p.bv + h * d, o + h * d, D, xt, yt, nthreads);
+  value_projection(B, D, H, z, p.wv, p.bv, o, nthreads);
   linear(B, D, D, o, D, p.wo, p.bo, pooled, D, xt, yt, nthreads);
   linear(B, C, D, pooled, D, p.wc, p.bc, p.logits, C, xt, yt, nthreads);
 }

@@ -35,7 +35,7 @@ DEFAULT_CLASSES = ("negative", "positive")
 
 POOLINGS = ("jwth", "linear-probe")
 DEVICES = ("auto", "cpu", "cuda")
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt", "null")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp8")
 READERS = ("auto", "cucim", "openslide")
 
@@ -137,7 +137,8 @@ class RuntimeConfig(_Group):
 
     device: str = setting("auto", choices=DEVICES)
     backend: str = setting("auto", choices=BACKENDS,
-                           help="Backbone runtime; auto = TensorRT with a GPU when installed, else torch.")
+                           help="Backbone runtime; auto = TensorRT with a GPU when installed, else torch; null = no "
+                                "backbone (fixed tokens: feed-rate benchmarks only, scores meaningless).")
     precision: str = setting("auto", choices=PRECISIONS, help="auto = bf16 (GPU and CPU); fp32 forces full precision.")
     compile: bool | None = setting(None, kind=bool, negate_flag="--no-compile",
                                    help="Disable torch.compile / CUDA graphs in the torch backend.")
@@ -230,6 +231,15 @@ class RunConfig:
             grouped[FIELD_GROUP[key]][key] = value
         return cls(**{name: GROUPS[name](**values) for name, values in grouped.items()})
 
+    @classmethod
+    def given(cls, config: "RunConfig | None", settings: Mapping) -> "RunConfig":
+        """How the API's entry points take settings: a RunConfig, or its fields as keyword arguments."""
+        if config is None:
+            return cls.from_kwargs(**settings)
+        if settings:
+            raise ConfigError(f"pass either config or settings, not both (got {', '.join(sorted(settings))})")
+        return config
+
     def with_values(self, **kwargs) -> "RunConfig":
         """A copy with some fields changed (checked like any other)."""
         unknown = sorted(set(kwargs) - set(FIELD_GROUP))
@@ -273,18 +283,27 @@ class RunConfig:
             return self.model.model
         return _meta(head_meta, "backbone_preset") or DEFAULT_PRESET
 
+    def needs_preset(self, head_meta=None) -> bool:
+        """Whether `resolve` needs the preset (a setting left to it by both the config and the head)."""
+        return not ((self.tiling.tile_size or _meta(head_meta, "tile_size"))
+                    and (self.tiling.target_mpp or _meta(head_meta, "target_mpp")))
+
     def resolve(self, head_meta=None, preset=None) -> "ResolvedConfig":
         """Fill the file-dependent defaults. `head_meta`: the head file's metadata (HeadMeta or its
-        dict) or None; `preset`: the loaded preset (`name`, `input_size`, `native_mpp`)."""
+        dict) or None; `preset`: the loaded preset (`name`, `input_size`, `native_mpp`), which may
+        be None when `needs_preset` says so."""
         head_pooling = _meta(head_meta, "pooling")
         pooling = self.model.pooling
         if head_pooling is not None and pooling is not None and pooling != head_pooling:
             raise ConfigError(f"{self.model.head}: head file is a {head_pooling} head but pooling "
                               f"{pooling} was given", field="pooling")
+        if preset is None and self.needs_preset(head_meta):
+            raise ValueError("resolve: the preset is needed to fill tile_size / target_mpp")
         tile_size = self.tiling.tile_size or _meta(head_meta, "tile_size") or preset.input_size
         target_mpp = self.tiling.target_mpp or _meta(head_meta, "target_mpp") or preset.native_mpp
-        return ResolvedConfig(config=self, preset=preset.name, pooling=head_pooling or pooling or DEFAULT_POOLING,
-                              tile_size=int(tile_size), target_mpp=float(target_mpp))
+        return ResolvedConfig(config=self, preset=preset.name if preset is not None else self.model_name(head_meta),
+                              pooling=head_pooling or pooling or DEFAULT_POOLING, tile_size=int(tile_size),
+                              target_mpp=float(target_mpp))
 
 
 def _meta(head_meta, key: str):

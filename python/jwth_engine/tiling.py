@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import TilingConfig
 from .slide.base import level_to_level0
 
 # A level up to 2% coarser than the target still counts as "at the target": scanners' level
@@ -64,7 +65,7 @@ def plan_tiles(
     target_mpp: float = 0.5,
     tile_size: int = 224,
     tissue=None,
-    min_tissue: float = 0.25,
+    min_tissue: float = TilingConfig.min_tissue,
 ) -> TileGrid:
     """Plan the tile grid of `slide` (see the module docstring). `tissue` is a TissueMask or None."""
     if not (math.isfinite(slide_mpp) and slide_mpp > 0):

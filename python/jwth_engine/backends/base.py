@@ -21,10 +21,12 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import nn
 
+from .. import config
 from ..errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# The concrete choices ("auto" is resolved by select.py).
+PRECISIONS = tuple(p for p in config.PRECISIONS if p != "auto")
+BACKENDS = tuple(b for b in config.BACKENDS if b != "auto")
 
 # precision -> (max token relative error, max tile-probability abs difference) vs the fp32 reference.
 NUMERICS = {

@@ -32,6 +32,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import BackendUnavailable, ConfigError
 from .base import Fp32Conv
 from .engine_cache import ArtifactKey, artifact_lock, artifact_path, write_manifest
@@ -172,7 +173,7 @@ def cached_onnx(backbone, *, precision: str = "fp32", opset: int = DEFAULT_OPSET
     return dest
 
 
-def verify_onnx(backbone, path: str | os.PathLike, *, batch_sizes=(1, 3), seed: int = 0) -> dict:
+def verify_onnx(backbone, path: str | os.PathLike, *, batch_sizes=(1, 3), seed: int = ModelConfig.seed) -> dict:
     """Run the graph on ONNX Runtime (CPU) and the PyTorch module on the same random images.
 
     Returns {"batch_sizes", "token_rel_error", "max_abs_error"} (worst over the batches). bf16

@@ -57,15 +57,17 @@ class OnnxRuntimeBackend:
                  log: Callable[[str], None] = log.info):
         ok, detail = onnxruntime_status()
         if not ok:
-            raise BackendUnavailable(f"--backend onnxruntime: onnxruntime is {detail}")
+            raise BackendUnavailable(f"backend onnxruntime: onnxruntime is {detail}", field="backend")
         import onnxruntime as ort
 
         if precision != "fp32":
-            raise ConfigError(f"--precision {precision}: the onnxruntime backend runs fp32 only "
-                              f"(use --backend torch for bf16 on the CPU, tensorrt for fp16/bf16/fp8 on a GPU)")
+            raise ConfigError(f"precision {precision}: the onnxruntime backend runs fp32 only "
+                              f"(use --backend torch for bf16 on the CPU, tensorrt for fp16/bf16/fp8 on a GPU)",
+                              field="precision")
         if device.type == "cuda" and "CUDAExecutionProvider" not in onnxruntime_providers():
-            raise BackendUnavailable("--backend onnxruntime --device cuda: this onnxruntime has no "
-                                     "CUDAExecutionProvider; pip uninstall onnxruntime && pip install onnxruntime-gpu")
+            raise BackendUnavailable("backend onnxruntime --device cuda: this onnxruntime has no "
+                                     "CUDAExecutionProvider; pip uninstall onnxruntime && pip install onnxruntime-gpu",
+                                     field="backend")
         self.backbone = backbone
         self.device = device
         self.precision = precision

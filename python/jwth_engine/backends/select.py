@@ -8,7 +8,7 @@ Rules (the reason is logged and returned by `describe()["reason"]`, i.e. written
            tensorrt    needs tensorrt >= 10 and a CUDA GPU; the engine is taken from the cache or
                        built once (minutes, with progress messages).
   precision auto       GPU: bf16. CPU + torch: bf16 on CPUs with native bf16 dot products
-                       (AVX512-BF16 or AMX; ~2.9x fp32 there, token error ~0.1-0.3 %), else fp32
+                       (AVX512-BF16 or AMX; speed and token error: benchmarks/results/backbones_cpu.json), else fp32
                        (emulated bf16 is slower than fp32). ONNX Runtime: fp32.
            fp32        forces full precision everywhere (the reference numerics).
 
@@ -25,12 +25,14 @@ from typing import Callable
 
 import torch
 
+from .. import config
+from ..config import RuntimeConfig
 from ..errors import BackendUnavailable, ConfigError
 from .base import BACKENDS, PRECISIONS
 
 log = logging.getLogger("jwth_engine.backends")
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = config.DEVICES
 
 
 @lru_cache(maxsize=1)
@@ -63,23 +65,24 @@ def resolve_device(device: str | torch.device) -> tuple[torch.device, str]:
     if text.startswith("cuda"):
         if not torch.cuda.is_available():
             raise BackendUnavailable(
-                f"--device {text}: torch sees no CUDA GPU (torch {torch.__version__}, built for CUDA "
+                f"device {text}: torch sees no CUDA GPU (torch {torch.__version__}, built for CUDA "
                 f"{torch.version.cuda or 'none'}; "
-                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
-            )
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})",
+            field="device")
         dev = torch.device(text)
         index = dev.index if dev.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise BackendUnavailable(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            raise BackendUnavailable(f"device {text}: only {torch.cuda.device_count()} CUDA device(s) visible",
+                                     field="device")
         return torch.device("cuda", index), f"--device {text}"
-    raise ConfigError(f"--device {text!r}: expected auto, cpu, cuda or cuda:N")
+    raise ConfigError(f"device {text!r}: expected auto, cpu, cuda or cuda:N", field="device")
 
 
 def choose_backend(requested: str, device: torch.device, *, tensorrt: tuple[bool, str],
                    onnxruntime: tuple[bool, str]) -> tuple[str, str]:
     """(backend, reason). `tensorrt`/`onnxruntime` are (usable, version-or-why-not) probes."""
     if requested not in ("auto", *BACKENDS):
-        raise ConfigError(f"--backend {requested!r}: expected auto, {', '.join(BACKENDS)}")
+        raise ConfigError(f"backend {requested!r}: expected auto, {', '.join(BACKENDS)}", field="backend")
     trt_ok, trt_detail = tensorrt
     if requested == "auto":
         if device.type == "cuda" and trt_ok:
@@ -89,14 +92,15 @@ def choose_backend(requested: str, device: torch.device, *, tensorrt: tuple[bool
         return "torch", f"auto: tensorrt is {trt_detail}"
     if requested == "tensorrt":
         if not trt_ok:
-            raise BackendUnavailable(f"--backend tensorrt: tensorrt is {trt_detail}")
+            raise BackendUnavailable(f"backend tensorrt: tensorrt is {trt_detail}", field="backend")
         if device.type != "cuda":
-            raise BackendUnavailable("--backend tensorrt needs a CUDA GPU (the device in use is the CPU)")
+            raise BackendUnavailable("backend tensorrt needs a CUDA GPU (the device in use is the CPU)",
+                                     field="backend")
         return "tensorrt", f"--backend tensorrt (TensorRT {trt_detail})"
     if requested == "onnxruntime":
         ort_ok, ort_detail = onnxruntime
         if not ort_ok:
-            raise BackendUnavailable(f"--backend onnxruntime: onnxruntime is {ort_detail}")
+            raise BackendUnavailable(f"backend onnxruntime: onnxruntime is {ort_detail}", field="backend")
         return "onnxruntime", f"--backend onnxruntime (onnxruntime {ort_detail})"
     return "torch", "--backend torch"
 
@@ -105,14 +109,15 @@ def choose_precision(backend: str, device: torch.device, requested: str, *,
                      cpu_bf16: bool | None = None) -> tuple[str, str]:
     """(precision, reason) for a chosen backend and device."""
     if requested not in ("auto", *PRECISIONS):
-        raise ConfigError(f"--precision {requested!r}: expected auto, {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision {requested!r}: expected auto, {', '.join(PRECISIONS)}", field="precision")
     if requested != "auto":
         if requested == "fp8" and backend != "tensorrt":
-            raise ConfigError("--precision fp8 runs on TensorRT only (--backend tensorrt on an sm_89+ GPU)")
+            raise ConfigError("precision fp8 runs on TensorRT only (--backend tensorrt on an sm_89+ GPU)",
+                              field="precision")
         if backend == "onnxruntime" and requested != "fp32":
-            raise ConfigError(f"--precision {requested}: the onnxruntime backend runs fp32 only")
+            raise ConfigError(f"precision {requested}: the onnxruntime backend runs fp32 only", field="precision")
         if backend == "torch" and device.type == "cpu" and requested == "fp16":
-            raise ConfigError("--precision fp16 on the CPU: use bf16 or fp32")
+            raise ConfigError("precision fp16 on the CPU: use bf16 or fp32", field="precision")
         return requested, f"--precision {requested}"
     if backend == "onnxruntime":
         return "fp32", "auto: onnxruntime runs fp32"
@@ -120,13 +125,14 @@ def choose_precision(backend: str, device: torch.device, requested: str, *,
         return "bf16", "auto: bf16 on the GPU (fp32 accumulation and norms)"
     native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
     if native:
-        return "bf16", ("auto: bf16 autocast, the CPU has native bf16 dot products (~2.9x fp32, "
-                        "token error ~0.1-0.3 %; --precision fp32 for the reference)")
+        return "bf16", ("auto: bf16 autocast, the CPU has native bf16 dot products "
+                        "(--precision fp32 for the reference)")
     return "fp32", "auto: fp32, the CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is slower"
 
 
-def select_backend(backbone, *, backend: str = "auto", device: str = "auto", precision: str = "auto",
-                   max_batch: int = 64, compile: bool | None = None, cache_dir: str | None = None,
+def select_backend(backbone, *, backend: str = RuntimeConfig.backend, device: str = RuntimeConfig.device,
+                   precision: str = RuntimeConfig.precision, max_batch: int = 64, compile: bool | None = None,
+                   cache_dir: str | None = None,
                    log: Callable[[str], None] | None = None):
     """Build the backend that runs `backbone`; reports the choice and the reason via `log`
     (default: INFO on the `jwth_engine.backends` logger, which the CLI shows)."""

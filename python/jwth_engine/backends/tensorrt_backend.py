@@ -108,7 +108,8 @@ class BuildProfile:
     def shapes(self, input_size: int, max_batch: int) -> tuple[tuple, tuple, tuple]:
         """(min, opt, max) input shapes of the optimisation profile."""
         if max_batch < self.min_batch:
-            raise ConfigError(f"--max-batch {max_batch} is below the build profile's min batch {self.min_batch}")
+            raise ConfigError(f"max_batch {max_batch} is below the build profile's min batch {self.min_batch}",
+                              field="max_batch")
         opt = max_batch if self.opt_batch == "max" else min(int(self.opt_batch), max_batch)
         dims = (3, input_size, input_size)
         return (self.min_batch, *dims), (max(opt, self.min_batch), *dims), (max_batch, *dims)
@@ -191,8 +192,8 @@ def quantize_fp8(onnx_path: Path, out_path: Path, calibration: np.ndarray, profi
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
-        raise BackendUnavailable(f"--precision fp8 needs NVIDIA ModelOpt to insert FP8 Q/DQ nodes: "
-                                 f"{MODELOPT_HINT}") from exc
+        raise BackendUnavailable(f"precision fp8 needs NVIDIA ModelOpt to insert FP8 Q/DQ nodes: "
+                                 f"{MODELOPT_HINT}", field="precision") from exc
     quantize(
         onnx_path=str(onnx_path), quantize_mode="fp8", calibration_data=calibration,
         calibration_method=profile.fp8["calibration_method"], output_path=str(out_path),
@@ -231,9 +232,9 @@ def build_engine(backbone, *, precision: str = "bf16", max_batch: int = 64, devi
                  profile: str = "default", force: bool = False, log: Callable[[str], None] = log.info) -> Path:
     """Build (or find) the engine for `backbone` on this GPU; returns its path in the cache."""
     if precision not in TRT_PRECISIONS:
-        raise ConfigError(f"--precision {precision}: TensorRT engines are {', '.join(TRT_PRECISIONS)}")
+        raise ConfigError(f"precision {precision}: TensorRT engines are {', '.join(TRT_PRECISIONS)}", field="precision")
     if max_batch < 1:
-        raise ConfigError(f"--max-batch must be >= 1, got {max_batch}")
+        raise ConfigError(f"max_batch must be >= 1, got {max_batch}", field="max_batch")
     trt = require_tensorrt("build-engine" if device is None else "--backend tensorrt")
     if not torch.cuda.is_available():
         raise BackendUnavailable("TensorRT needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False)")
@@ -241,8 +242,9 @@ def build_engine(backbone, *, precision: str = "bf16", max_batch: int = 64, devi
     build = load_build_profile(profile)
     gpu_name, capability = gpu_identity(device)
     if precision == "fp8" and float(capability) < float(build.fp8["min_compute_capability"]):
-        raise BackendUnavailable(f"--precision fp8 needs compute capability >= {build.fp8['min_compute_capability']} "
-                                 f"(Ada/Hopper/Blackwell); {gpu_name} is sm_{capability.replace('.', '')}")
+        raise BackendUnavailable(f"precision fp8 needs compute capability >= {build.fp8['min_compute_capability']} "
+                                 f"(Ada/Hopper/Blackwell); {gpu_name} is sm_{capability.replace('.', '')}",
+                                 field="precision")
     key = engine_key(backbone, precision=precision, max_batch=max_batch, gpu_name=gpu_name,
                      compute_capability=capability, tensorrt_version=trt.__version__, profile=build)
     dest = artifact_path(key, cache_dir, ".engine")
@@ -252,8 +254,9 @@ def build_engine(backbone, *, precision: str = "bf16", max_batch: int = 64, devi
         if dest.is_file() and not force:
             return dest
         if precision == "fp8" and calibration is None:
-            raise ConfigError("--precision fp8: TensorRT FP8 engines need calibration tiles; run `jwth-engine "
-                              "build-engine --precision fp8 --calibration tiles.npy` (uint8 [N, S, S, 3])")
+            raise ConfigError("precision fp8: TensorRT FP8 engines need calibration tiles; run `jwth-engine "
+                              "build-engine --precision fp8 --calibration tiles.npy` (uint8 [N, S, S, 3])",
+                              field="precision")
         log(f"building TensorRT engine {dest.name} for {backbone.preset.name} ({precision}, max batch {max_batch}) "
             f"on {gpu_name}: once per GPU model, this takes minutes")
         onnx_path = cached_onnx(backbone, precision=ONNX_RECIPE[precision], opset=build.opset,

@@ -5,14 +5,13 @@ the low dtype and the forward runs under `torch.autocast`. Matmuls (and so almos
 in bf16/fp16; the patch-embedding conv (base.Fp32Conv), LayerNorm, the LayerScale-weighted
 residual stream and the final norm stay fp32 (autocast's fp32 list and type promotion); images
 go in and tokens come out in fp32. The weight casts plain autocast would redo on every call are
-done once (~7 % faster). Measured on ViT-S/14-reg4 with real H&E tiles, bf16 token relative error
+done once. Measured on ViT-S/14-reg4 with real H&E tiles, bf16 token relative error
 vs fp32: this recipe 0.10 % (LayerScale 0.1) / 0.34 % (LayerScale 1), plain autocast 0.30 % / 0.43 %,
 the whole module cast to bf16 0.89 % / 0.93 %. The ONNX/TensorRT fp16/bf16 graphs trace this same
 recipe (onnx_export.py).
 
-CPU: fp32 is the reference. bf16 is ~2.9x faster (backbone; ~2.2x for a whole slide) on CPUs with
-native bf16 dot products (AVX512-BF16 / AMX), at a token relative error of ~0.1 % and tile
-probabilities within ~4e-5 of fp32 (benchmarks/results/backbones_cpu.json). `select_backend`
+CPU: fp32 is the reference. bf16 is faster on CPUs with native bf16 dot products (AVX512-BF16 /
+AMX); the measured speed and accuracy cost are in benchmarks/results/backbones_cpu.json. `select_backend`
 picks bf16 on such CPUs and fp32 elsewhere (emulated bf16 is slower than fp32); `--precision fp32`
 forces the reference.
 
@@ -60,10 +59,11 @@ class TorchBackend:
     def __init__(self, backbone, device: torch.device, precision: str = "fp32", *, compile: bool | None = None,
                  channels_last: bool | None = None, max_batch: int = 64, reason: str = ""):
         if precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision {precision}: the torch backend runs fp32, bf16 or fp16 "
-                              f"(fp8 needs --backend tensorrt)")
+            raise ConfigError(f"precision {precision}: the torch backend runs fp32, bf16 or fp16 "
+                              f"(fp8 needs --backend tensorrt)", field="precision")
         if device.type == "cpu" and precision == "fp16":
-            raise ConfigError("--precision fp16 on the CPU: use bf16 (fast on CPUs with AVX512-BF16/AMX) or fp32")
+            raise ConfigError("precision fp16 on the CPU: use bf16 (fast on CPUs with AVX512-BF16/AMX) or fp32",
+                              field="precision")
         self.backbone = backbone
         self.device = device
         self.precision = precision
@@ -91,7 +91,8 @@ class TorchBackend:
         self._forward = self._eager
         if self.compiled:
             # reduce-overhead = inductor + CUDA graphs on the GPU; on the CPU it is plain inductor
-            # (worth ~20 % on ViT-S after a ~25 s compile, hence off by default there).
+            # (bench_backbones.py measures its gain; the compile takes tens of seconds, hence off by
+            # default there).
             mode = "reduce-overhead" if device.type == "cuda" else None
             self._forward = torch.compile(self._eager, mode=mode, dynamic=False, fullgraph=False)
 

@@ -47,10 +47,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _register() -> None:
-    from . import bench, doctor, export, fit_head, heatmap, info, score, screen
+    from . import bench, doctor, embed, export, fit_head, fit_slide_head, heatmap, info, score, screen
 
     for command in (info.info, score.score, doctor.doctor, export.export_onnx, export.build_engine,
-                    *bench.commands, *screen.commands, *fit_head.commands, *heatmap.commands):
+                    *bench.commands, *screen.commands, *fit_head.commands, *embed.commands,
+                    *fit_slide_head.commands, *heatmap.commands):
         cli.add_command(command)
 
 

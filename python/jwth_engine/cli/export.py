@@ -10,6 +10,9 @@ import json
 
 import click
 
+from ..config import ModelConfig
+from .options import config_options
+
 
 def _log(message: str) -> None:
     click.echo(message, err=True)
@@ -17,8 +20,7 @@ def _log(message: str) -> None:
 
 @click.command("export-onnx")
 @click.option("--model", required=True, metavar="PRESET|FILE.json", help="Backbone preset name or preset JSON.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Backbone checkpoint (.safetensors, or .pt/.pth/.bin loaded with weights_only).")
+@config_options(ModelConfig, only=("weights",))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="fp32: the reference graph. fp16/bf16: mixed-precision graph for TensorRT's strongly "
@@ -26,7 +28,7 @@ def _log(message: str) -> None:
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True)
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run the graph on ONNX Runtime (CPU) at batch 1 and 3 and compare with PyTorch fp32.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights (no --weights).")
+@config_options(ModelConfig, only=("seed",))
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 def export_onnx(model, weights, output, precision, opset, verify, seed, as_json):
     """Export the backbone: images [batch, 3, S, S] -> tokens [batch, T, D] (class, registers,
@@ -50,8 +52,7 @@ def export_onnx(model, weights, output, precision, opset, verify, seed, as_json)
 
 @click.command("build-engine")
 @click.option("--model", required=True, metavar="PRESET|FILE.json", help="Backbone preset name or preset JSON.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Backbone checkpoint (.safetensors, or .pt/.pth/.bin loaded with weights_only).")
+@config_options(ModelConfig, only=("weights",))
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default="bf16", show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Largest batch of the optimisation profile (1 ... N); score with --batch-size N reuses it.")
@@ -63,7 +64,7 @@ def export_onnx(model, weights, output, precision, opset, verify, seed, as_json)
 @click.option("--profile", default="default", show_default=True,
               help="TensorRT build profile: engine/tensorrt/NAME.json or a JSON path.")
 @click.option("--force", is_flag=True, help="Rebuild even if the cache has this engine.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights (no --weights).")
+@config_options(ModelConfig, only=("seed",))
 def build_engine(model, weights, precision, max_batch, calibration, cache_dir, profile, force, seed):
     """Build the TensorRT engine of a backbone for this GPU into the engine cache (reused by
     `score --backend tensorrt`) and print its path."""

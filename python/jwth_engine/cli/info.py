@@ -6,10 +6,13 @@ import json
 
 import click
 
+from ..config import TilingConfig
+from .options import config_options
+
 
 @click.command()
 @click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--reader", type=click.Choice(["auto", "cucim", "openslide"]), default="auto", show_default=True)
+@config_options(TilingConfig, only=("reader",))
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
 def info(slide: str, reader: str, as_json: bool) -> None:
     """Vendor, pyramid levels, MPP, stored tile size, compression and the reader used."""

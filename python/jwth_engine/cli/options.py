@@ -29,11 +29,12 @@ def _option(f):
                         show_default=f.default is not None, help=meta["help"] or None)
 
 
-def config_options(*groups, exclude: tuple[str, ...] = ()):
-    """Decorator: one option per field of the given config groups (classes or RunConfig group names)."""
+def config_options(*groups, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None):
+    """Decorator: one option per field of the given config groups (classes or RunConfig group
+    names), less `exclude`, or only the fields named in `only`."""
     classes = [GROUPS[g] if isinstance(g, str) else g for g in groups]
     decorators = [_option(f) for cls in classes for f in fields(cls)
-                  if f.metadata["cli"] and f.name not in exclude]
+                  if f.metadata["cli"] and f.name not in exclude and (only is None or f.name in only)]
 
     def apply(func):
         for decorator in reversed(decorators):

@@ -19,10 +19,13 @@ from .options import config_options, run_config
               help="Output folder (created).")
 @click.option("--json", "print_json", is_flag=True, help="Print the slide summary JSON to stdout.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@click.option("--slide-head", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Slide head from fit-slide-head: slide prediction in the summary, per-tile "
+                   "attention in the tiles table (slide_attention), from the same pass.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no backend notice on stderr.")
 @visual_options
-def score(slide, out, print_json, progress, quiet, heatmap, geojson, attention, report, heatmap_class, heatmap_size,
-          heatmap_colormap, heatmap_opacity, heatmap_scale, **settings):
+def score(slide, out, print_json, progress, slide_head, quiet, heatmap, geojson, attention, report, heatmap_class,
+          heatmap_size, heatmap_colormap, heatmap_opacity, heatmap_scale, **settings):
     """Score SLIDE: tissue detection, tiling, backbone, head; writes SLIDE.tiles.parquet and
     SLIDE.summary.json into --out."""
     from ..scoring import score_slide
@@ -37,7 +40,7 @@ def score(slide, out, print_json, progress, quiet, heatmap, geojson, attention, 
     show = (sys.stderr.isatty() if progress is None else progress) and not quiet
     bar = _ProgressBar(slide) if show else None
     try:
-        result = score_slide(slide, config=config, progress=bar.update if bar else None,
+        result = score_slide(slide, config=config, progress=bar.update if bar else None, slide_head=slide_head,
                              visuals=visuals if visuals.wanted else None)
     finally:
         if bar:
@@ -55,6 +58,10 @@ def score(slide, out, print_json, progress, quiet, heatmap, geojson, attention, 
     scores = ", ".join(f"{c}={v['mean']:.4f} (top-{v['k']} {v['topk_mean']:.4f})"
                        for c, v in summary["scores"].items())
     click.echo(f"{slide}: {summary['tiles']['scored']} tiles, {scores}")
+    if "slide_head" in summary:
+        sh = summary["slide_head"]
+        probs = ", ".join(f"{c}={p:.4f}" for c, p in sh["probs"].items())
+        click.echo(f"slide head ({sh['kind']}): {sh['prediction']} ({probs})")
     click.echo(f"wrote {result.tiles_path} and {result.summary_path}")
     _echo_visuals(result)
 

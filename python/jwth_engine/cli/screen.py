@@ -84,11 +84,12 @@ def screen(source, out, gpus, jobs, slide_timeout, retry_failed, reconfigure, ra
         click.echo("interrupted: finished slides are kept; run the same command again to resume", err=True)
         sys.exit(130)
     counts = report.counts
-    rate = report.slides_per_hour
+    rate, tiles = report.slides_per_hour, report.tiles_per_second
     click.echo(
         f"{report.out}: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending "
         f"(this run: {len(report.done)} done, {len(report.failed)} failed, {report.skipped} skipped"
-        + (f", {rate:.1f} slides/h" if rate else "") + ")"
+        + (f"; {report.scored} scored, {len(report.no_tissue)} no tissue" if report.done else "")
+        + (f"; {rate:.1f} scored slides/h, {tiles:.1f} tiles/s" if rate and tiles else "") + ")"
     )
     if counts["failed"]:
         sys.exit(1)

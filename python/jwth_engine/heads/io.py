@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import ModelError
 from ..outputs.atomic import atomic_path, sha256_file
 from .reference import build_head
@@ -59,7 +60,7 @@ def _state_hash(module: nn.Module) -> str:
 
 def random_head(pooling: str, *, dim: int, num_prefix_tokens: int, classes: list[str],
                 num_heads: int, backbone_preset: str, backbone_weights_hash: str,
-                tile_size: int, target_mpp: float, seed: int = 0) -> LoadedHead:
+                tile_size: int, target_mpp: float, seed: int = ModelConfig.seed) -> LoadedHead:
     """A seeded random head, so that a pipeline can run end to end before a head is trained."""
     warnings.warn(
         f"no --head given: using a RANDOM {pooling} head (seed {seed}); slide scores are NOT meaningful",

@@ -177,7 +177,7 @@ def make_head_runner(module: nn.Module, prefer_native: bool = True) -> Callable[
     """The head as a callable `(tokens, need_attn=False, need_pooled=False) -> HeadOutput` with `.to()`.
 
     Native by default; raises `BackendUnavailable` (with the build command) when `_C` is missing
-    rather than falling back silently to the reference, which is ~100x slower on CPU.
+    rather than falling back silently to the reference, which is far slower (benchmarks/results/heads_cpu.json).
     """
     if prefer_native:
         return NativeHead(module)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import ModelError
 from .checkpoint import load_into, sha256_file
 from .presets import BackbonePreset, get_preset
@@ -94,7 +95,8 @@ def build_model(preset: BackbonePreset | str, device: torch.device | str | None 
     return model
 
 
-def load_backbone(preset: BackbonePreset | str, weights: str | None = None, *, seed: int = 0) -> LoadedBackbone:
+def load_backbone(preset: BackbonePreset | str, weights: str | None = None, *,
+                  seed: int = ModelConfig.seed) -> LoadedBackbone:
     """Build `preset` and load `weights` (strict), or a seeded random init with a loud warning."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     # Seed only the model's construction (fork_rng restores the caller's RNG afterwards): the

@@ -23,17 +23,36 @@ def _get(result: dict, path: Sequence[str]):
     return result
 
 
+def _per_tile(result: dict) -> dict:
+    """`bench --pooling both`: per-tile p50 latencies (ms) of its stages and heads, if that is the result."""
+    block = _get(result, ("per_batch", "per_tile"))
+    return block if isinstance(block, dict) else {}
+
+
 def stage_throughputs(result: dict) -> list[tuple[str, float]]:
     out = []
     for label, path in _STAGES:
         stage = _get(result, path)
         if isinstance(stage, dict) and stage.get("tiles_per_s"):
             out.append((label, float(stage["tiles_per_s"])))
+    per_tile = _per_tile(result)
+    for key in ("preprocess", "backbone"):      # a --pooling both result: from per-tile latencies
+        if (per_tile.get(key) or {}).get("p50_ms"):
+            out.append((key, 1e3 / float(per_tile[key]["p50_ms"])))
+    e2e = result.get("end_to_end") if per_tile else None
+    for name in ("jwth", "linear-probe"):
+        if isinstance(e2e, dict) and (e2e.get(name) or {}).get("median"):
+            out.append((f"end to end ({name})", float(e2e[name]["median"])))
     return out
 
 
 def head_latencies(result: dict) -> list[tuple[str, float]]:
     """(pooling, µs per tile) of the heads a bench result compared (`bench --pooling both`), if any."""
+    per_tile = _per_tile(result)
+    found = [(name, 1e3 * float(per_tile[f"head_{name}"]["p50_ms"])) for name in ("jwth", "linear-probe")
+             if (per_tile.get(f"head_{name}") or {}).get("p50_ms")]
+    if found:
+        return found
     for key in _POOLING_KEYS:
         block = result.get(key)
         if not isinstance(block, dict):
@@ -65,7 +84,7 @@ def bench_plot(result: dict, width: int = 1200, height: int = 520) -> np.ndarray
     ax = fig.add_subplot(grid[0, 0])
     labels = [s[0] for s in stages][::-1]
     values = [s[1] for s in stages][::-1]
-    colours = ["#d62728" if label == "end to end" else "#1f77b4" for label in labels]
+    colours = ["#d62728" if label.startswith("end to end") else "#1f77b4" for label in labels]
     bars = ax.barh(labels, values, color=colours)
     ax.set_xscale("log")
     ax.set_xlabel("tiles per second (log scale)")

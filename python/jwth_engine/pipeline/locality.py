@@ -28,6 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..config import RuntimeConfig
 from ..slide.base import WHITE, level_to_level0
 
 # Units are grown to at least this many level pixels per side (in whole stored tiles) when stored
@@ -111,7 +112,7 @@ class GridReader:
     `Slide.read_regions`).
     """
 
-    def __init__(self, slide, grid, *, num_workers: int = 2, locality: str = "auto"):
+    def __init__(self, slide, grid, *, num_workers: int = RuntimeConfig.num_workers, locality: str = "auto"):
         self.slide = slide
         self.grid = grid
         self.num_workers = int(num_workers)

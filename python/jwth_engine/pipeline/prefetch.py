@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ..config import RuntimeConfig
 from .locality import GridReader
 from .queues import BoundedQueue, Closed
 
@@ -130,7 +131,8 @@ class TilePrefetcher:
     scheduling priority by that much (Linux; 0 = unchanged), see run_streaming.
     """
 
-    def __init__(self, slide, grid, *, batch_size: int, num_workers: int = 2, prefetch: int = 2,
+    def __init__(self, slide, grid, *, batch_size: int, num_workers: int = RuntimeConfig.num_workers,
+                 prefetch: int = 2,
                  locality: str = "auto", pin_memory: bool = False, nice: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

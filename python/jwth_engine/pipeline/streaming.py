@@ -8,8 +8,8 @@
                          pinned memory asynchronously, collected two batches later (no per-batch
                          synchronisation, so the GPU always has the next batch queued)
 
-On the CPU there is no upload thread: the main thread preprocesses (one fused native pass, ~1 %
-of the backbone's time) and runs the model while the reader decodes the next batches.
+On the CPU there is no upload thread: the main thread preprocesses (one fused native pass, small
+beside the backbone: `bench` times it) and runs the model while the reader decodes the next batches.
 
 Memory: `prefetch + 2` uint8 batch buffers (+1 on a GPU), two device batches and the decode units
 the read plan holds (a few stored-tile rows of the tissue's width): nothing grows with the number
@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..config import RuntimeConfig
 from ..tiling import TileGrid
 from .memory import HeapTrimmer
 from .prefetch import TilePrefetcher, _END, _Failure
@@ -71,7 +72,7 @@ class PipelineStats:
 
 
 def run_streaming(slide, grid: TileGrid, model: ModelStage, *, batch_size: int,
-                  num_workers: int = 2, prefetch: int = 2,
+                  num_workers: int = RuntimeConfig.num_workers, prefetch: int = 2,
                   progress: Callable[[int], None] | None = None,
                   locality: str = "auto", prefetcher: TilePrefetcher | None = None,
                   stats: PipelineStats | None = None, nice: int = 0) -> tuple[np.ndarray, dict]:

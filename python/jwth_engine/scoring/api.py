@@ -14,28 +14,29 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig
-from ..errors import ConfigError
+from ..heads.slide_io import load_slide_head
+from .slide_head import SlideHeadRunner
 from .slide import ScoreResult, SlideScorer, check_out_dir, open_for_scoring
 from .visuals import VisualOptions, check_against_model, check_visual_options
 
 
 def score_slide(path: str | os.PathLike, *, config: RunConfig | None = None, out: str | os.PathLike | None = None,
                 name: str | None = None, progress: Callable[[int, int], None] | None = None,
-                visuals: VisualOptions | None = None, **settings) -> ScoreResult:
+                slide_head: str | None = None, visuals: VisualOptions | None = None, **settings) -> ScoreResult:
     """Score a slide; returns the summary dict and the per-tile table (and writes them to `out`).
 
     Settings come either as `config` (a RunConfig) or as keyword arguments named like its fields
     (`model=`, `weights=`, `head=`, `batch_size=`, `min_tissue=`, ...; see jwth_engine.config).
     `out` (default: the config's `out`) is the folder written to; None writes nothing.
-    `progress(done, total)` is called after every batch. `visuals` asks for the heat map, GeoJSON,
-    attention maps and HTML report (scoring/visuals.py). Raises `JwthError` subclasses with
-    one-line messages for every input problem.
+    `progress(done, total)` is called after every batch. Raises `JwthError` subclasses with
+    one-line messages for every input problem. `slide_head` (a fit-slide-head file) reduces the
+    slide's tile vectors, collected during the same pass, to a slide prediction (embed/slide_head.py).
+    `visuals` asks for the heat map, GeoJSON, attention maps and HTML report (scoring/visuals.py).
     """
     started = time.perf_counter()
-    if config is None:
-        config = RunConfig.from_kwargs(**settings)
-    elif settings:
-        raise ConfigError(f"pass either config or settings, not both (got {', '.join(sorted(settings))})")
+    config = RunConfig.given(config, settings)
+    if slide_head:
+        slide_head = load_slide_head(slide_head)    # a wrong file fails before the slide or model
     if visuals is not None:
         check_visual_options(visuals)
     # `out` is where this call writes, not a setting of the run: it stays out of the recorded config.
@@ -45,6 +46,7 @@ def score_slide(path: str | os.PathLike, *, config: RunConfig | None = None, out
     t_open = time.perf_counter() - t_open
     try:
         scorer = SlideScorer(config)
+        runner = SlideHeadRunner(slide_head, scorer.model) if slide_head else None
         if visuals is not None:
             check_against_model(visuals, scorer.model)   # before any tile is read or file written
         prepared = scorer.prepare(path, opened=opened)
@@ -52,5 +54,9 @@ def score_slide(path: str | os.PathLike, *, config: RunConfig | None = None, out
     except BaseException:
         opened[0].close()
         raise
+    extra = {"visuals": visuals}
+    if runner is not None:
+        extra.update(observers=[runner.observer(len(prepared.grid))], need_pooled=runner.need_pooled,
+                     annotate=runner.annotate)
     return scorer.finish(prepared, out=out_dir, name=name or Path(path).name.rsplit(".", 1)[0],
-                         progress=progress, started=started, visuals=visuals)
+                         progress=progress, started=started, **extra)

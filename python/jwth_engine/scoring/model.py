@@ -10,7 +10,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..backends import select_backend
+from ..backends import resolve_device, select_backend
+from ..backends.null_backend import NULL_NOTE, NullBackend, null_backbone
 from ..config import DEFAULT_CLASSES, ResolvedConfig, RunConfig
 from ..errors import ConfigError
 from ..heads import check_head_matches_backbone, load_head, random_head
@@ -50,10 +51,12 @@ class ScoringModel:
                           observers=tuple(observers), need_attn=need_attn, need_pooled=need_pooled)
 
 
-def load_scoring_model(config: RunConfig, *, announce: Callable[[str], None] | None = None) -> ScoringModel:
+def load_scoring_model(config: RunConfig | None = None, *, announce: Callable[[str], None] | None = None,
+                       **settings) -> ScoringModel:
     """Head file (or a seeded random head), preset, weights, backend; every problem a ConfigError,
     ModelError or BackendUnavailable with one line. Warnings (random weights or head) are kept in
-    `notes` for the summary and logged."""
+    `notes` for the summary and logged. Settings as `config` or as its keyword arguments."""
+    config = RunConfig.given(config, settings)
     t = time.perf_counter()
     notes: list[str] = []
     m = config.model
@@ -66,9 +69,13 @@ def load_scoring_model(config: RunConfig, *, announce: Callable[[str], None] | N
         raise ConfigError(f"tile_size {resolved.tile_size} does not match preset {preset.name}'s input size "
                           f"{preset.input_size}; use tile_size {preset.input_size} or a preset of that size",
                           field="tile_size")
+    r = config.runtime
+    null = r.backend == "null"
+    if null and m.weights:
+        raise ConfigError("--backend null runs no backbone; --weights cannot be used with it", field="backend")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        backbone = load_backbone(preset, m.weights, seed=m.seed)
+        backbone = null_backbone(preset) if null else load_backbone(preset, m.weights, seed=m.seed)
         if loaded_head is None:
             loaded_head = random_head(
                 resolved.pooling, dim=backbone.embed_dim, num_prefix_tokens=backbone.num_prefix_tokens,
@@ -85,8 +92,12 @@ def load_scoring_model(config: RunConfig, *, announce: Callable[[str], None] | N
         loaded_head, preset=preset.name, dim=backbone.embed_dim,
         num_prefix_tokens=backbone.num_prefix_tokens, weights_hash=backbone.weights_hash,
     )
-    r = config.runtime
-    chosen = select_backend(backbone, backend=r.backend, device=r.device, precision=r.precision,
-                            max_batch=r.batch_size, compile=r.compile, log=announce or backend_log.info)
+    if null:
+        notes += backbone.notes
+        chosen = NullBackend(backbone, resolve_device(r.device)[0], max_batch=r.batch_size, seed=m.seed)
+        (announce or backend_log.info)(f"backbone backend: null on {chosen.device} ({NULL_NOTE})")
+    else:
+        chosen = select_backend(backbone, backend=r.backend, device=r.device, precision=r.precision,
+                                max_batch=r.batch_size, compile=r.compile, log=announce or backend_log.info)
     runner = make_head_runner(loaded_head.module).to(chosen.device)
     return ScoringModel(resolved, preset, backbone, loaded_head, chosen, runner, notes, time.perf_counter() - t)

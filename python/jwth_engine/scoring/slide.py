@@ -44,7 +44,8 @@ def output_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
 
 
 def check_out_dir(out: str | os.PathLike | None) -> Path | None:
-    """The output folder, created; the one check of it (`out` None: nothing is written)."""
+    """The output folder, created: the one check of it, made before anything is loaded (`out` None:
+    nothing is written)."""
     if out is None:
         return None
     out = Path(out)
@@ -90,22 +91,19 @@ class PreparedSlide:
 class SlideScorer:
     """`score_slide` with the model loaded once: `prepare(path)` then `finish(prepared, out, name)`."""
 
-    def __init__(self, config: RunConfig | None = None, *, model: ScoringModel | None = None, **kwargs):
-        if config is None:
-            config = RunConfig.from_kwargs(**kwargs)
-        elif kwargs:
-            raise ConfigError(f"pass either config or settings, not both (got {', '.join(sorted(kwargs))})")
-        self.config = config
-        self.model = model or load_scoring_model(config)
+    def __init__(self, config: RunConfig | None = None, *, scoring_model: ScoringModel | None = None, **kwargs):
+        self.config = RunConfig.given(config, kwargs)
+        self.model = scoring_model or load_scoring_model(self.config)
         self._load_charged = False
 
     @property
     def device(self):
         return self.model.backend.device
 
-    def prepare(self, path: str | os.PathLike, mpp: float | None = None, *, opened=None) -> PreparedSlide:
+    def prepare(self, path: str | os.PathLike, mpp: float | None = None, *, opened=None, plan=None) -> PreparedSlide:
         """Open the slide (or take `opened` = open_for_scoring's result), find its tissue, plan its
-        tiles and start decoding them in a thread. `mpp` overrides the configuration's."""
+        tiles and start decoding them in a thread. `mpp` overrides the configuration's;
+        `plan(slide, slide_mpp=, tissue=)` replaces our tiling (embed --coords: another tool's tiles)."""
         mpp = self.config.tiling.mpp if mpp is None else mpp
         runtime = self.config.runtime
         timings = {}
@@ -117,9 +115,12 @@ class SlideScorer:
             tissue = detect_tissue(slide, mpp=slide_mpp)
             timings["tissue"] = time.perf_counter() - t
             t = time.perf_counter()
-            grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=self.model.target_mpp,
-                              tile_size=self.model.tile_size, tissue=tissue,
-                              min_tissue=self.config.tiling.min_tissue)
+            if plan is None:
+                grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=self.model.target_mpp,
+                                  tile_size=self.model.tile_size, tissue=tissue,
+                                  min_tissue=self.config.tiling.min_tissue)
+            else:
+                grid = plan(slide, slide_mpp=slide_mpp, tissue=tissue)
             timings["plan"] = time.perf_counter() - t
             prefetcher = None
             if len(grid.coords):
@@ -134,14 +135,18 @@ class SlideScorer:
     def finish(self, prepared: PreparedSlide, *, out: str | os.PathLike | None, name: str,
                progress: Callable[[int, int], None] | None = None, started: float | None = None,
                observers=(), need_attn: bool = False, need_pooled: bool = False,
+               annotate: Callable[[object, dict], object] | None = None,
                visuals: VisualOptions | None = None) -> ScoreResult:
         """Score the prepared slide; with `out`, write `<name>.tiles.parquet` then `<name>.summary.json`
         there, each atomically (a summary on disk means the slide finished). `observers` see every
-        batch's tokens and head output (embeddings, attention maps; see pipeline/stages.py).
+        batch's tokens and head output (embeddings, attention maps; see pipeline/stages.py);
+        `annotate(table, summary) -> table` adds what they produced before anything is written.
         `visuals` adds the heat map, GeoJSON, attention and report files (scoring/visuals.py)."""
         t_start = started or time.perf_counter()
+        # Checked by the caller at the edge (score_slide, a screening worker's staging folder);
+        # the atomic writers create it if it is missing.
+        out_dir = Path(out) if out is not None else None
         try:
-            out_dir = check_out_dir(out)
             step = VisualStep(visuals, self.model) if visuals is not None and visuals.wanted else None
         except BaseException:
             prepared.close()
@@ -200,6 +205,8 @@ class SlideScorer:
             config=self.config,
         )
 
+        if annotate is not None:
+            table = annotate(table, summary)
         tiles_path = summary_path = None
         if out_dir is not None:
             t = time.perf_counter()

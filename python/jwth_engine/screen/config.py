@@ -41,7 +41,8 @@ def identity(config: RunConfig) -> dict:
     head_meta = read_head_meta(m.head) if m.head else None
     model = config.model_name(head_meta)
     model_is_file = model.endswith(".json") and Path(model).is_file()
-    resolved = config.resolve(head_meta, get_preset(model))
+    # The preset is read only when it decides a setting: a fully given tiling needs no preset here.
+    resolved = config.resolve(head_meta, get_preset(model) if config.needs_preset(head_meta) else None)
     return {
         "model": Path(model).stem if model_is_file else model,
         "model_file_sha256": _sha256(model) if model_is_file else None,
@@ -71,8 +72,9 @@ def describe_difference(old: dict, new: dict) -> str:
             return value[:12]
         return "none" if value is None else value
 
-    parts = [f"{k} {show(old.get(k))} -> {show(new.get(k))}" for k in IDENTITY_KEYS
-             if old.get(k) != new.get(k)]
+    # Keys past IDENTITY_KEYS come from a job's own identity (embed's feature kinds).
+    keys = IDENTITY_KEYS + tuple(sorted((set(old) | set(new)) - set(IDENTITY_KEYS)))
+    parts = [f"{k} {show(old.get(k))} -> {show(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
     return "; ".join(parts) or "same"
 
 

@@ -30,6 +30,7 @@ def device_for(ordinal: int) -> str:
         if ordinal >= len(visible):
             from ..errors import ConfigError
 
-            raise ConfigError(f"--gpus: GPU {ordinal} is not among CUDA_VISIBLE_DEVICES={','.join(visible)}")
+            raise ConfigError(f"gpus: GPU {ordinal} is not among CUDA_VISIBLE_DEVICES={','.join(visible)}",
+                              field="gpus")
         return visible[ordinal]
     return str(ordinal)

@@ -41,7 +41,7 @@ class ScreenLayout:
 
     def create(self) -> None:
         if self.root.exists() and not self.root.is_dir():
-            raise ConfigError(f"{self.root}: --out exists and is not a folder")
+            raise ConfigError(f"{self.root}: out exists and is not a folder", field="out")
         try:
             for folder in (self.root, self.slides, self.staging, self.trash, self.logs):
                 folder.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ def _import_ray():
         import ray
     except ImportError as exc:
         raise BackendUnavailable(
-            f"--ray-address needs Ray, which is not installed ({exc}); pip install 'jwth-engine[distributed]'"
-        ) from exc
+            f"ray_address needs Ray, which is not installed ({exc}); pip install 'jwth-engine[distributed]'",
+            field="ray_address") from exc
     return ray
 
 
@@ -97,7 +97,8 @@ class RayPool:
                 ray.init(address=address, runtime_env=_runtime_env() or None, log_to_driver=False,
                          logging_level=logging.WARNING, configure_logging=True)
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                raise ConfigError(f"--ray-address {address}: cannot connect to a Ray cluster ({exc})") from exc
+                raise ConfigError(f"ray_address {address}: cannot connect to a Ray cluster ({exc})",
+                                  field="ray_address") from exc
             self._owns_ray = True
         else:
             self._owns_ray = False

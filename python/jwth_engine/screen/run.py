@@ -42,16 +42,27 @@ class ScreenReport:
     config_hash: str
     scheduled: int
     skipped: int
-    done: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)          # scored and no-tissue slides alike
+    no_tissue: list[str] = field(default_factory=list)     # done, but no tile reached --min-tissue
     failed: dict[str, str] = field(default_factory=dict)
+    tiles_scored: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     interrupted: bool = False
 
     @property
+    def scored(self) -> int:
+        return len(self.done) - len(self.no_tissue)
+
+    @property
     def slides_per_hour(self) -> float | None:
-        finished = len(self.done) + len(self.failed)
-        return finished / self.seconds * 3600 if finished and self.seconds > 0 else None
+        """Scored slides per hour of this run's wall time: failures and no-tissue slides take
+        time but are not throughput (they are reported beside it)."""
+        return self.scored / self.seconds * 3600 if self.scored and self.seconds > 0 else None
+
+    @property
+    def tiles_per_second(self) -> float | None:
+        return self.tiles_scored / self.seconds if self.tiles_scored and self.seconds > 0 else None
 
 
 def recover(ledger: Ledger, layout: ScreenLayout) -> list[str]:
@@ -146,18 +157,20 @@ def run_screen(
     results_interval_s: float = 5.0,
     argv: list[str] | None = None,
     pool_factory=None,
+    extra_identity: dict | None = None,
     report: bool = False,
 ) -> ScreenReport:
     """Screen every slide of `source` into `out`; see `jwth-engine screen --help`. `report` adds
     each slide's NAME.report.html (pictures only: not part of the configuration's identity)."""
     t0 = time.monotonic()
     if gpus and ray_address:
-        raise ConfigError("--gpus is for local runs; on Ray each GPU of the cluster gets a worker "
-                          "(--device cpu for CPU workers)")
+        raise ConfigError("gpus is for local runs; on Ray each GPU of the cluster gets a worker "
+                          "(--device cpu for CPU workers)", field="gpus")
     if gpus and config.runtime.device == "cpu":
         raise ConfigError("gpus and device cpu contradict each other", field="gpus")
     sources = load_sources(source)
-    ident = identity(config)
+    # A job other than scoring (embed) adds what decides its own outputs to the folder's identity.
+    ident = {**identity(config), **(extra_identity or {})}
     current_hash = config_hash(ident)
 
     layout = ScreenLayout(out)
@@ -313,6 +326,10 @@ class _Driver:
         self.ledger.mark_done(sid)
         del self.in_flight[sid]
         self.report.done.append(sid)
+        if summary.get("status") == "scored":
+            self.report.tiles_scored += int(summary["tiles"]["scored"])
+        else:
+            self.report.no_tissue.append(sid)
         detail = f"{summary['tiles']['scored']} tiles" if summary.get("status") == "scored" else "no tissue"
         self.display.slide_done(sid, outcome.get("seconds"), detail)
         self.results.changed()

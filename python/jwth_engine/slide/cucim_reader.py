@@ -19,8 +19,7 @@ cache the plugin does not use). Off by default: the scoring pipeline reads along
 grid (pipeline/locality.py), so it decodes each stored tile once without a cache, and a 1 GB cache
 doubled peak RSS on the 100k x 80k benchmark slide (2.1 GB vs 1.06 GB,
 benchmarks/results/large_slide_cpu.json). `JWTH_CUCIM_CACHE_MB=N` turns it on for callers that
-read unaligned regions one by one (measured: 2x faster such reads on CMU-1 and the JPEG 2000 TCGA
-slide); `_configure_tile_cache` then points `CUCIM_CONFIG_PATH` at a per-process cache config,
+read unaligned regions one by one (where the cache pays for itself); `_configure_tile_cache` then points `CUCIM_CONFIG_PATH` at a per-process cache config,
 unless the user has a cuCIM config of their own.
 
 cuFile (GPUDirect Storage, loaded by cuCIM) writes `cufile.log` into the working directory unless

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import config
+from ..config import TilingConfig
 from ..errors import BackendUnavailable, SlideError
 from .base import Slide
 from .tiff import inspect_tiff, sniff
 
-READERS = ("auto", "cucim", "openslide")
+READERS = config.READERS
 
 # Formats cuCIM has no plugin for (several are TIFF inside, so the extension decides).
 OPENSLIDE_ONLY = {
@@ -66,7 +68,7 @@ def _open_openslide(path: str, note: str) -> Slide:
         raise BackendUnavailable(f"{path}: {exc}") from exc
 
 
-def open_slide(path: str | os.PathLike, reader: str = "auto") -> Slide:
+def open_slide(path: str | os.PathLike, reader: str = TilingConfig.reader) -> Slide:
     """Open a slide with `reader` ("auto", "cucim" or "openslide").
 
     Raises SlideError (one line: the path and the problem) for a missing, unreadable, empty,

@@ -1,0 +1,82 @@
+"""`jwth-engine fit-slide-head MANIFEST --features DIR --head abmil|wsc|mean|max -o HEAD`."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("fit-slide-head")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder of <slide_id>.h5 feature files (embed's features_<model>[_<kind>]/).")
+@click.option("--head", "kind", type=click.Choice(["abmil", "wsc", "mean", "max"]), default="abmil", show_default=True)
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Slide head to write (.safetensors); the report goes next to it (.report.json, .predictions.csv).")
+@click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="Attention MLP width.")
+@click.option("--num-heads", type=click.IntRange(min=1), default=4, show_default=True, help="WSC attention heads.")
+@click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.25, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Stop after this many epochs without a better validation balanced accuracy.")
+@click.option("--bags-per-step", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
+              help="Share of each class's patients held out for early stopping (no `split` column).")
+@click.option("--folds", type=click.IntRange(min=2), default=None, help="K-fold cross-validation by patient.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-gb", type=click.FloatRange(min=0), default=8.0, show_default=True,
+              help="Keep the bags in memory when they fit in this much; else read each bag when needed.")
+@click.option("--json", "print_json", is_flag=True, help="Print the report as JSON instead of a table.")
+def fit_slide_head(manifest, features_dir, kind, out_path, hidden, num_heads, dropout, lr, weight_decay, epochs,
+                   patience, bags_per_step, val_fraction, folds, seed, cache_gb, print_json):
+    """Train a slide head on bags of tile features (MANIFEST: slide_id,label[,split,patient])."""
+    from pathlib import Path
+
+    from ..heads.fit_slide import TrainConfig, fit_slide_head as fit
+    from ..heads.slide_io import save_slide_head
+    from ..outputs.atomic import atomic_write_bytes
+
+    cfg = TrainConfig(kind=kind, hidden=hidden, num_heads=num_heads, dropout=dropout, lr=lr,
+                      weight_decay=weight_decay, epochs=epochs, patience=patience,
+                      bags_per_step=bags_per_step, seed=seed)
+    result = fit(manifest, features_dir, cfg, val_fraction=val_fraction, folds=folds,
+                 cache_bytes=int(cache_gb * 2**30), log=lambda msg: click.echo(msg, err=True))
+    report = result.report
+    report["sha256"] = save_slide_head(result.module, result.meta, out_path)
+    stem = str(Path(out_path).with_suffix(""))
+    atomic_write_bytes(stem + ".report.json", (json.dumps(report, indent=2) + "\n").encode())
+    columns = list(result.predictions[0])
+    lines = [",".join(columns)] + [",".join(_csv_cell(p[c]) for c in columns) for p in result.predictions]
+    atomic_write_bytes(stem + ".predictions.csv", ("\n".join(lines) + "\n").encode())
+    if print_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(render_report(report))
+    click.echo(f"wrote {out_path}, {stem}.report.json, {stem}.predictions.csv")
+
+
+def _csv_cell(value) -> str:
+    text = f"{value:.6g}" if isinstance(value, float) else str(value)
+    return f'"{text}"' if "," in text or '"' in text else text
+
+
+def render_report(report: dict) -> str:
+    classes = report["classes"]
+    out = [f"{report['kind']} slide head, {report['num_slides']} slides ({report['num_patients']} patients), "
+           f"classes {', '.join(classes)}",
+           f"selection: {report['selection']}; chosen epoch {report['chosen_epoch']} of {report['epochs_run']} run"]
+    sets = [(s, report[s]) for s in ("train", "val", "test", "cross_validated") if s in report]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    out.append(f"{'set':<16}{'n':>5}{'bal.acc':>9}{'AUROC':>8}  " + "  ".join(f"rec.{c}" for c in classes))
+    for name, m in sets:
+        recalls = "  ".join(f"{fmt(m['per_class_recall'][c]):>{len(c) + 4}}" for c in classes)
+        out.append(f"{name:<16}{m['n']:>5}{fmt(m['balanced_accuracy']):>9}{fmt(m['auroc']):>8}  {recalls}")
+    for name, m in sets:
+        out.append(f"confusion ({name}, rows true {'/'.join(classes)}): {m['confusion_matrix']}")
+    return "\n".join(out)
+
+
+commands = [fit_slide_head]

@@ -1,0 +1,70 @@
+"""benchmarks/gpu_check.sh --dry-run runs every step of the GPU check on this CPU machine, so the
+script (and every flag it passes to the benchmarks) cannot rot between the rare GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+GPU_STEPS = ["build", "tests", "heads", "preprocess", "pipeline", "backbones", "decode"]
+BENCH_SCRIPTS = {"heads": "bench_heads.py", "preprocess": "bench_preprocess.py", "pipeline": "bench_pipeline.py",
+                 "backbones": "bench_backbones.py", "decode": "bench_cucim_decode.py"}
+
+
+def _env(data_dir: Path) -> dict:
+    env = dict(os.environ, PYTHON=sys.executable, JWTH_TEST_DATA=str(data_dir))
+    env.pop("JWTH_REQUIRE_GPU", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                          cwd=REPO, env=_env(data_dir), timeout=1800)
+    return proc, out
+
+
+def test_dry_run_passes_and_reports_every_step(dry_run):
+    proc, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["mode"] == "dry-run" and report["passed"] is True
+    status = {s["step"]: s["status"] for s in report["steps"]}
+    assert list(status) == ["env", "wheels", *GPU_STEPS[:1], "doctor", *GPU_STEPS[1:]]
+    for name in GPU_STEPS:
+        assert status[name] == "skipped (dry run; checked)", (name, status[name])
+    assert status["env"] == "ok" and status["doctor"] == "ok"
+    assert json.loads((out / "doctor.json").read_text())        # the doctor step really ran
+    assert report["provenance"]["git"]["commit"], report["provenance"]
+
+
+def test_dry_run_checks_each_benchmarks_arguments(dry_run):
+    _, out = dry_run
+    for step, script in BENCH_SCRIPTS.items():
+        log = (out / f"{step}.log").read_text()
+        assert f"dry run: {script} " in log, (step, log[-2000:])
+        assert "_cuda.json" in log, (step, log[-2000:])    # the real run's arguments, parsed
+
+
+def test_dry_run_collects_the_gpu_tests(dry_run):
+    _, out = dry_run
+    log = (out / "tests.log").read_text()
+    match = re.search(r"(\d+)(?:/\d+)? tests? collected", log)
+    assert match and int(match.group(1)) >= 20, log[-2000:]
+    for name in ("test_cuda_matches_reference", "test_streaming_gpu_matches_sequential", "test_torch_gpu_precisions"):
+        assert name in log, name
+
+
+def test_unknown_argument_is_one_clear_line(data_dir):
+    proc = subprocess.run(["bash", str(SCRIPT), "--gpus", "2"], capture_output=True, text=True, cwd=REPO,
+                          env=_env(data_dir), timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == "gpu_check.sh: unknown argument --gpus (see --help)"
