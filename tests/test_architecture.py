@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "python" / "jwth_engine"
 # backends' probes; tissue / tiling / preprocess / _native sit with the readers and backends.
 LAYERS = [
     {"jwth_engine", "cli"},
-    {"scoring", "screen", "bench", "embed"},
+    {"scoring", "screen", "bench", "embed", "regions"},
     {"pipeline", "runtime"},
     {"heads", "backends", "models", "slide", "tissue", "tiling", "preprocess", "_native", "_C"},
     {"outputs", "errors", "config", "specs"},

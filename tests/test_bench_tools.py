@@ -27,7 +27,7 @@ TINY = "test_tiny_patch14_reg4"
 
 def test_null_backend_returns_the_presets_token_shape():
     preset = get_preset("jwth_vitl14_reg4")
-    backend = NullBackend(null_backbone(preset), torch.device("cpu"), max_batch=4)
+    backend = NullBackend(null_backbone(preset), torch.device("cpu"), max_batch=4, seed=0)
     tokens = backend(torch.zeros(3, 3, 224, 224))
     assert tokens.shape == (3, 5 + 256, 1024) and tokens.dtype == torch.float32
     assert torch.equal(tokens, backend(torch.ones(3, 3, 224, 224)))   # fixed: no model runs

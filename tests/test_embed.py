@@ -15,7 +15,8 @@ import torch
 
 from jwth_engine.embed.run import embed_slide, features_path
 from jwth_engine.errors import ConfigError
-from jwth_engine.heads.fit_slide import TrainConfig, fit_slide_head
+from jwth_engine.config import SlideTrainingConfig
+from jwth_engine.heads.fit_slide import fit_slide_head
 from jwth_engine.heads.slide_io import save_slide_head
 from jwth_engine.outputs.features_h5 import write_features_h5
 from jwth_engine.scoring import score_slide
@@ -174,7 +175,7 @@ def _planted_cohort(folder, vectors, weights_hash, *, slides=60, seed=0):
 def test_learns_planted_signal_deterministically(kind, lung_vectors, tmp_path):
     vectors, whash = lung_vectors
     manifest = _planted_cohort(tmp_path / "bags", vectors, whash)
-    cfg = TrainConfig(kind=kind, epochs=15, patience=15, lr=1e-3, dropout=0.0, seed=3)
+    cfg = SlideTrainingConfig(head=kind, epochs=15, patience=15, lr=1e-3, dropout=0.0, seed=3)
     first = fit_slide_head(manifest, tmp_path / "bags", cfg)
     assert first.report["val"]["balanced_accuracy"] >= 0.85        # chance is 0.5
     assert first.report["val"]["auroc"] >= 0.9
@@ -191,8 +192,8 @@ def test_kfold_reports_out_of_fold_metrics(lung_vectors, tmp_path):
     manifest = _planted_cohort(tmp_path / "bags", vectors, whash, slides=30)
     text = manifest.read_text().replace(",val,", ",train,")
     manifest.write_text(text)
-    result = fit_slide_head(manifest, tmp_path / "bags", TrainConfig(epochs=8, patience=8, lr=1e-3, dropout=0.0),
-                            folds=3)
+    result = fit_slide_head(manifest, tmp_path / "bags",
+                            SlideTrainingConfig(epochs=8, patience=8, lr=1e-3, dropout=0.0, folds=3))
     rep = result.report
     assert len(rep["folds"]) == 3 and rep["cross_validated"]["n"] == 30
     assert sum(f["val"]["n"] for f in rep["folds"]) == 30

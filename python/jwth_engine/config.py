@@ -184,6 +184,28 @@ class TrainingConfig(_Group):
     val_fraction: float = setting(0.2, min=0.0, max=0.9, help="Share of each class held out for validation.")
 
 
+@dataclass(frozen=True)
+class SlideTrainingConfig(_Group):
+    """`fit-slide-head` only: how a slide head is trained on per-slide feature files (heads/fit_slide.py)."""
+
+    head: str = setting("abmil", choices=("abmil", "wsc", "mean", "max"),
+                        help="Slide head: gated attention MIL, Whole Slide Concepts reducer, mean or max pooling.")
+    hidden: int = setting(128, min=1, help="Width of the attention MLP (abmil, wsc).")
+    num_heads: int = setting(4, min=1, help="Attention heads of the wsc reducer.")
+    dropout: float = setting(0.25, min=0.0, max=0.9)
+    lr: float = setting(2e-4, min=0.0, min_exclusive=True, help="AdamW learning rate.")
+    weight_decay: float = setting(1e-4, min=0.0)
+    epochs: int = setting(50, min=1, help="Most epochs (early stopping may end sooner).")
+    patience: int = setting(10, min=1, help="Stop after this many epochs without a better validation balanced accuracy.")
+    bags_per_step: int = setting(1, min=1, help="Bags whose gradients are summed per optimiser step.")
+    val_fraction: float = setting(0.2, min=0.0, max=0.9,
+                                  help="Share of each class's patients held out for early stopping (no `split` column).")
+    folds: int | None = setting(None, kind=int, min=2, help="K-fold cross-validation by patient.")
+    seed: int = setting(0, help="Seed of initialisation, shuffling and splits.")
+    cache_gb: float = setting(8.0, min=0.0, help="Keep the bags in memory when they fit in this much; "
+                                                 "else read each bag when needed.")
+
+
 GROUPS: dict[str, type] = {"model": ModelConfig, "runtime": RuntimeConfig, "tiling": TilingConfig,
                            "aggregation": AggregationConfig, "output": OutputConfig}
 

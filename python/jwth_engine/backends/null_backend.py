@@ -32,7 +32,7 @@ class NullBackend:
     name = "null"
     compiled = False
 
-    def __init__(self, backbone: LoadedBackbone, device: torch.device, *, max_batch: int, seed: int = 0,
+    def __init__(self, backbone: LoadedBackbone, device: torch.device, *, max_batch: int, seed: int,
                  reason: str = "--backend null"):
         self.device = device
         self.precision = "fp32" if device.type == "cpu" else "bf16"

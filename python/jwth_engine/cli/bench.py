@@ -16,7 +16,7 @@ from .options import config_options, run_config
 @click.command()
 @click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
 @config_options("model", "runtime", "tiling", "aggregation", exclude=("pooling",))
-@click.option("--pooling", type=click.Choice([*POOLINGS, "both"]), default=None,
+@click.option("--pooling", type=click.Choice([*POOLINGS, "both"]),
               help="Head kind when no --head is given (default jwth); both: JWTH and a linear probe on the same "
                    "tokens, latency side by side.")
 @click.option("--backbone", "backbone_kind", type=click.Choice(["model", "null"]), default="model", show_default=True,

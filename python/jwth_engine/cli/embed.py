@@ -28,8 +28,13 @@ from .options import config_options, run_config
 @click.option("--retry-failed", is_flag=True, help="Embed slides that failed in an earlier run again.")
 @click.option("--reconfigure", is_flag=True, help="Accept settings different from the ones DIR was embedded with.")
 @click.option("--progress/--no-progress", default=None, help="Progress display (default: on a terminal).")
+@click.option("--magnifications", default=None, metavar="M[,M..]",
+              help="Mixed-magnification regions (e.g. 5,10,20): writes region sequences to DIR/regions_<model>/ "
+                   "(see embed-regions).")
+@click.option("--region-tiles", type=click.IntRange(min=1), default=None,
+              help="Region side in tiles at the lowest magnification (with --magnifications; default 1).")
 def embed(source, out, features, coords, parquet, jobs, slide_timeout, retry_failed, reconfigure, progress,
-          **settings):
+          magnifications, region_tiles, **settings):
     """Embed the tiles of SOURCE (a slide, a folder searched recursively, or a manifest CSV with a
     `path` column) with the backbone and write one HDF5 file per slide and feature kind. Many
     slides run like `screen`: crash-isolated workers, resumable, failures recorded per slide
@@ -38,6 +43,10 @@ def embed(source, out, features, coords, parquet, jobs, slide_timeout, retry_fai
     from ..screen.config import with_absolute_paths
 
     config = with_absolute_paths(run_config(settings))
+    if magnifications is not None or region_tiles is not None:
+        _embed_regions(source, out, magnifications or "5,10,20", region_tiles or 1, features=features,
+                       coords=coords, config=config)
+        return
     kinds = check_embed_options(features, config.model.head)
     extra = EmbedSettings(features=kinds, out=os.path.abspath(out), coords=coords and os.path.abspath(coords),
                           parquet=parquet)
@@ -46,6 +55,30 @@ def embed(source, out, features, coords, parquet, jobs, slide_timeout, retry_fai
     else:
         _embed_many(source, config, extra, jobs=jobs, slide_timeout=slide_timeout, retry_failed=retry_failed,
                     reconfigure=reconfigure, progress=progress)
+
+
+def _embed_regions(source, out, magnifications, region_tiles, *, features, coords, config) -> None:
+    """The region path (regions/): every tile of each tissue region at each magnification, class tokens."""
+    from ..config import DEFAULT_PRESET
+    from ..errors import ConfigError
+    from ..screen.sources import load_sources
+    from .embed_regions import run_region_embedding
+
+    m, r, t = config.model, config.runtime, config.tiling
+    if features != "cls" or coords or m.head:
+        raise ConfigError("--magnifications/--region-tiles embed class tokens on our region grid; "
+                          "--features other than cls, --coords and --head do not apply")
+    model = m.model or DEFAULT_PRESET
+    if os.path.isfile(source) and not source.lower().endswith(".csv"):
+        slides, mpps = [source], {}
+    else:
+        sources = load_sources(source)
+        slides, mpps = [s.path for s in sources], {s.path: s.mpp for s in sources if s.mpp is not None}
+    folder = os.path.join(out, f"regions_{os.path.splitext(os.path.basename(model))[0]}")
+    run_region_embedding(slides, folder, magnifications=magnifications, region_tiles=region_tiles, model=model,
+                         weights=m.weights, tile_size=t.tile_size, mpp=t.mpp, mpps=mpps, min_tissue=t.min_tissue,
+                         reader=t.reader, device=r.device, backend=r.backend, precision=r.precision,
+                         batch_size=r.batch_size, num_workers=r.num_workers, seed=m.seed)
 
 
 def _embed_one(slide: str, config, extra) -> None:

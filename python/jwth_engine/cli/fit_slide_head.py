@@ -6,44 +6,28 @@ import json
 
 import click
 
+from ..config import SlideTrainingConfig
+from .options import config_options, pop_settings
+
 
 @click.command("fit-slide-head")
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
 @click.option("--features", "features_dir", required=True, type=click.Path(file_okay=False),
               help="Folder of <slide_id>.h5 feature files (embed's features_<model>[_<kind>]/).")
-@click.option("--head", "kind", type=click.Choice(["abmil", "wsc", "mean", "max"]), default="abmil", show_default=True)
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Slide head to write (.safetensors); the report goes next to it (.report.json, .predictions.csv).")
-@click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="Attention MLP width.")
-@click.option("--num-heads", type=click.IntRange(min=1), default=4, show_default=True, help="WSC attention heads.")
-@click.option("--dropout", type=click.FloatRange(0, 0.9), default=0.25, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--patience", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Stop after this many epochs without a better validation balanced accuracy.")
-@click.option("--bags-per-step", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True,
-              help="Share of each class's patients held out for early stopping (no `split` column).")
-@click.option("--folds", type=click.IntRange(min=2), default=None, help="K-fold cross-validation by patient.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--cache-gb", type=click.FloatRange(min=0), default=8.0, show_default=True,
-              help="Keep the bags in memory when they fit in this much; else read each bag when needed.")
+@config_options(SlideTrainingConfig)
 @click.option("--json", "print_json", is_flag=True, help="Print the report as JSON instead of a table.")
-def fit_slide_head(manifest, features_dir, kind, out_path, hidden, num_heads, dropout, lr, weight_decay, epochs,
-                   patience, bags_per_step, val_fraction, folds, seed, cache_gb, print_json):
+def fit_slide_head(manifest, features_dir, out_path, print_json, **settings):
     """Train a slide head on bags of tile features (MANIFEST: slide_id,label[,split,patient])."""
     from pathlib import Path
 
-    from ..heads.fit_slide import TrainConfig, fit_slide_head as fit
+    from ..heads.fit_slide import fit_slide_head as fit
     from ..heads.slide_io import save_slide_head
     from ..outputs.atomic import atomic_write_bytes
 
-    cfg = TrainConfig(kind=kind, hidden=hidden, num_heads=num_heads, dropout=dropout, lr=lr,
-                      weight_decay=weight_decay, epochs=epochs, patience=patience,
-                      bags_per_step=bags_per_step, seed=seed)
-    result = fit(manifest, features_dir, cfg, val_fraction=val_fraction, folds=folds,
-                 cache_bytes=int(cache_gb * 2**30), log=lambda msg: click.echo(msg, err=True))
+    cfg = SlideTrainingConfig(**pop_settings(settings, SlideTrainingConfig))
+    result = fit(manifest, features_dir, cfg, log=lambda msg: click.echo(msg, err=True))
     report = result.report
     report["sha256"] = save_slide_head(result.module, result.meta, out_path)
     stem = str(Path(out_path).with_suffix(""))

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import SlideTrainingConfig
 from ..errors import ConfigError
 from ..outputs.features_h5 import read_features_h5
 from .mil import build_slide_head
@@ -170,20 +171,6 @@ def assign_folds(rows: list[SlideRow], idx: np.ndarray, folds: int, seed: int) -
     return out
 
 
-@dataclass
-class TrainConfig:
-    kind: str = "abmil"
-    hidden: int = 128
-    num_heads: int = 4
-    dropout: float = 0.25
-    lr: float = 2e-4
-    weight_decay: float = 1e-4
-    epochs: int = 50
-    patience: int = 10
-    bags_per_step: int = 1
-    seed: int = 0
-
-
 @torch.no_grad()
 def predict(module: nn.Module, store: BagStore, idx) -> np.ndarray:
     module.eval()
@@ -213,11 +200,11 @@ def _class_weights(y: np.ndarray, num_classes: int) -> torch.Tensor:
 
 
 def train_one(store: BagStore, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, num_classes: int,
-              cfg: TrainConfig, *, epochs: int | None = None,
+              cfg: SlideTrainingConfig, *, epochs: int | None = None,
               log: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, dict]:
     """Train on `train_idx`, choose the epoch on `val_idx` (none: the last epoch of `epochs`)."""
     torch.manual_seed(cfg.seed)
-    module = build_slide_head(cfg.kind, store.dim, num_classes, hidden=cfg.hidden, num_heads=cfg.num_heads,
+    module = build_slide_head(cfg.head, store.dim, num_classes, hidden=cfg.hidden, num_heads=cfg.num_heads,
                               dropout=cfg.dropout)
     module.set_feature_stats(*feature_stats(store, train_idx))
     loss_fn = nn.CrossEntropyLoss(weight=_class_weights(y[train_idx], num_classes))
@@ -270,11 +257,11 @@ class FitResult:
     predictions: list[dict] = field(default_factory=list)
 
 
-def fit_slide_head(manifest: str | os.PathLike, features_dir: str | os.PathLike, cfg: TrainConfig, *,
-                   val_fraction: float = 0.2, folds: int | None = None, cache_bytes: int = 8 << 30,
+def fit_slide_head(manifest: str | os.PathLike, features_dir: str | os.PathLike, cfg: SlideTrainingConfig, *,
                    log: Callable[[str], None] = lambda _: None) -> FitResult:
     rows = read_slide_manifest(manifest)
-    store = BagStore(features_dir, rows, manifest=str(manifest), cache_bytes=cache_bytes)
+    store = BagStore(features_dir, rows, manifest=str(manifest), cache_bytes=int(cfg.cache_gb * 2**30))
+    folds, val_fraction = cfg.folds, cfg.val_fraction
     classes = sorted({r.label for r in rows})
     y = np.array([classes.index(r.label) for r in rows])
     splits = assign_splits(rows, val_fraction=0.0 if folds else val_fraction, seed=cfg.seed)
@@ -285,8 +272,8 @@ def fit_slide_head(manifest: str | os.PathLike, features_dir: str | os.PathLike,
     train_classes = {rows[i].label for i in pool}
     if len(train_classes) < 2:
         raise ConfigError(f"{manifest}: the training slides hold only {sorted(train_classes)}; need two classes")
-    report: dict = {"kind": cfg.kind, "classes": classes, "num_slides": len(rows),
-                    "num_patients": len({r.patient for r in rows}), "config": vars(cfg).copy(),
+    report: dict = {"kind": cfg.head, "classes": classes, "num_slides": len(rows),
+                    "num_patients": len({r.patient for r in rows}), "config": cfg.to_dict(),
                     "features_dir": str(features_dir), "manifest": str(manifest),
                     "bags_in_memory": store.cached, "tiles_per_slide": _spread([s // (4 * store.dim) for s in store.sizes])}
 
@@ -333,7 +320,7 @@ def fit_slide_head(manifest: str | os.PathLike, features_dir: str | os.PathLike,
                    for i, r in enumerate(rows)]
     first = store.attrs[0]
     meta = SlideHeadMeta(
-        kind=cfg.kind, classes=classes, dim=store.dim, feature_kind=str(first.get("feature_kind", "unknown")),
+        kind=cfg.head, classes=classes, dim=store.dim, feature_kind=str(first.get("feature_kind", "unknown")),
         encoder=str(first.get("encoder", "unknown")), encoder_weights_hash=str(first.get("encoder_weights_hash", "")),
         hidden=cfg.hidden, num_heads=cfg.num_heads, dropout=cfg.dropout,
         tile_size=int(first.get("patch_size", 0) or 0), target_mpp=float(first.get("target_mpp", 0.0) or 0.0),
