@@ -122,7 +122,7 @@ setup(
     packages=find_packages("python") + ["jwth_engine._specs"]
     + [f"jwth_engine._specs.{sub}" for sub in find_namespace_packages(where=str(ROOT / "engine"))],
     package_dir={"": "python", "jwth_engine._specs": "engine"},
-    package_data={"jwth_engine._specs": ["**/*.json"]},
+    package_data={"jwth_engine._specs": ["**/*.json"], "jwth_engine.outputs": ["templates/*.html"]},
     include_package_data=True,
     ext_modules=[CMakeExtension("jwth_engine._C", target="_C")],
     cmdclass={"build_ext": CMakeBuild},
@@ -147,6 +147,10 @@ setup(
         "onnxscript",
         "psutil",
         "pillow",
+        "matplotlib",
+        "jinja2",
+        "shapely>=2",
+        "scipy",
     ],
     extras_require={
         # nvImageCodec decodes stored slide tiles (--decode gpu|cpu); its extras bring nvJPEG,

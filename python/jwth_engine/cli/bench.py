@@ -36,8 +36,11 @@ from .options import config_options, run_config
               help="Time OpenSlide single-thread reads of the same tiles.")
 @click.option("--sequential/--no-sequential", default=True, show_default=True,
               help="Also run the sequential reference once and compare scores.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Also draw stage throughputs (and JWTH vs linear-probe head latency with --pooling both) "
+                   "into this PNG.")
 def bench(slide, json_path, repeats, prefetch, locality, nice, baseline, sequential, pooling, backbone_kind,
-          **settings):
+          plot_path, **settings):
     """Benchmark scoring SLIDE: decode, preprocess, backbone and head alone, then end to end.
 
     Reports tiles/s per stage, p50/p99 batch latency, slides/h, peak RSS and GPU memory, and the
@@ -74,6 +77,11 @@ def bench(slide, json_path, repeats, prefetch, locality, nice, baseline, sequent
         table = format_table
     result["command"] = sys.argv
     text = json.dumps(result, indent=2) + "\n"
+    if plot_path:
+        from ..outputs.plots import write_bench_plot
+
+        write_bench_plot(result, plot_path)
+        click.echo(f"wrote {plot_path}", err=True)
     if json_path == "-":
         sys.stdout.write(text)
         return

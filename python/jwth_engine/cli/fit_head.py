@@ -36,11 +36,31 @@ def fit_head(labels_csv, out_path, root, where, print_json, **settings):
     training = TrainingConfig(**pop_settings(settings, TrainingConfig))
     report = fit(labels_csv, out_path, run_config(settings), training, root=root, where=conditions,
                  log=lambda msg: click.echo(msg, err=True))
+    report["plots"] = _write_training_plots(out_path, report)
     if print_json:
         click.echo(json.dumps(report, indent=2))
     else:
         click.echo(f"wrote {out_path}: {report['pooling']} head, {len(report['classes'])} classes, "
                    f"{report['selection_metric']} {report['best_metric']:.3f} (epoch {report['best_epoch'] + 1})")
+
+
+
+def _write_training_plots(out_path, report) -> list[str]:
+    """HEAD.curves.png and HEAD.confusion.png beside the head file."""
+    from pathlib import Path
+
+    from ..outputs.figures import write_png
+    from ..outputs.plots import confusion_matrix_plot, training_curves
+
+    stem = Path(out_path)
+    stem = stem.with_name(stem.name.removesuffix(".safetensors"))
+    curves, matrix = Path(f"{stem}.curves.png"), Path(f"{stem}.confusion.png")
+    classes = report["classes"]
+    write_png(training_curves(report["history"], title=f"{report['pooling']} head, {len(classes)} classes: "
+                                                       f"kept epoch {report['best_epoch'] + 1}"), curves)
+    write_png(confusion_matrix_plot(report["confusion"], classes,
+                                    title=f"kept epoch, {report['confusion_split']} tiles"), matrix)
+    return [curves.name, matrix.name]
 
 
 commands = [fit_head]

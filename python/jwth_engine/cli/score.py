@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import click
 
+from .heatmap import visual_options
 from .options import config_options, run_config
 
 
@@ -20,16 +22,26 @@ from .options import config_options, run_config
 @click.option("--slide-head", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Slide head from fit-slide-head: slide prediction in the summary, per-tile "
                    "attention in the tiles table (slide_attention), from the same pass.")
-def score(slide, out, print_json, progress, slide_head, **settings):
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no backend notice on stderr.")
+@visual_options
+def score(slide, out, print_json, progress, slide_head, quiet, heatmap, geojson, attention, report, heatmap_class,
+          heatmap_size, heatmap_colormap, heatmap_opacity, heatmap_scale, **settings):
     """Score SLIDE: tissue detection, tiling, backbone, head; writes SLIDE.tiles.parquet and
     SLIDE.summary.json into --out."""
     from ..scoring import score_slide
+    from ..scoring.visuals import VisualOptions
 
     config = run_config(settings, out=out)
-    show = sys.stderr.isatty() if progress is None else progress
+    visuals = VisualOptions(heatmap=heatmap, geojson=geojson, report=report, attention=attention,
+                            heatmap_class=heatmap_class, heatmap_size=heatmap_size, colormap=heatmap_colormap,
+                            opacity=heatmap_opacity, stretch=heatmap_scale == "slide")
+    if quiet:
+        logging.getLogger("jwth_engine.backends").setLevel(logging.WARNING)
+    show = (sys.stderr.isatty() if progress is None else progress) and not quiet
     bar = _ProgressBar(slide) if show else None
     try:
-        result = score_slide(slide, config=config, progress=bar.update if bar else None, slide_head=slide_head)
+        result = score_slide(slide, config=config, progress=bar.update if bar else None, slide_head=slide_head,
+                             visuals=visuals if visuals.wanted else None)
     finally:
         if bar:
             bar.close()
@@ -39,6 +51,9 @@ def score(slide, out, print_json, progress, slide_head, **settings):
         return
     if summary["status"] == "no_tissue":
         click.echo(f"{slide}: no tissue tiles (score: no tissue); wrote {result.summary_path}")
+        if heatmap:
+            click.echo(f"{slide}: no tissue tiles were scored, so no heat map was drawn", err=True)
+        _echo_visuals(result)
         return
     scores = ", ".join(f"{c}={v['mean']:.4f} (top-{v['k']} {v['topk_mean']:.4f})"
                        for c, v in summary["scores"].items())
@@ -48,6 +63,15 @@ def score(slide, out, print_json, progress, slide_head, **settings):
         probs = ", ".join(f"{c}={p:.4f}" for c, p in sh["probs"].items())
         click.echo(f"slide head ({sh['kind']}): {sh['prediction']} ({probs})")
     click.echo(f"wrote {result.tiles_path} and {result.summary_path}")
+    _echo_visuals(result)
+
+
+def _echo_visuals(result) -> None:
+    outputs = result.summary.get("outputs", {})
+    names = [outputs[k] for k in ("heatmap_png", "geojson", "attention_npz", "attention_dir", "report_html")
+             if k in outputs]
+    if names and result.summary_path is not None:
+        click.echo(f"wrote {', '.join(names)} in {result.summary_path.parent}")
 
 
 class _ProgressBar:

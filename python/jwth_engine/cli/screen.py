@@ -59,8 +59,10 @@ def _parse_gpus(value: str | None) -> list[int] | None:
 @click.option("--ray-cpus-per-job", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="CPUs each Ray actor reserves (and torch threads it uses, on CPU).")
 @click.option("--progress/--no-progress", default=None, help="Live display on stderr (default: on a terminal).")
+@click.option("--report", "write_reports", is_flag=True,
+              help="Write each slide's NAME.report.html (linked from DIR/index.html).")
 def screen(source, out, gpus, jobs, slide_timeout, retry_failed, reconfigure, ray_address, ray_cpus_per_job,
-           progress, **settings):
+           progress, write_reports, **settings):
     """Score every slide of SOURCE (a folder, searched recursively, or a manifest CSV with a `path`
     column and optional `slide_id`, `mpp` and extra columns) into --out.
 
@@ -76,7 +78,7 @@ def screen(source, out, gpus, jobs, slide_timeout, retry_failed, reconfigure, ra
         report = run_screen(
             source, out, config, gpus=_parse_gpus(gpus), jobs=jobs, slide_timeout_s=slide_timeout,
             retry_failed=retry_failed, reconfigure=reconfigure, ray_address=ray_address,
-            ray_cpus_per_job=ray_cpus_per_job, progress=progress, argv=sys.argv,
+            ray_cpus_per_job=ray_cpus_per_job, progress=progress, argv=sys.argv, report=write_reports,
         )
     except KeyboardInterrupt:
         click.echo("interrupted: finished slides are kept; run the same command again to resume", err=True)

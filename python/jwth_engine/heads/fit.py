@@ -176,6 +176,13 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
         log(f"epoch {epoch + 1}/{epochs} loss {history[-1]['loss']:.4f} train bacc {train_bacc:.3f}"
             + (f" val bacc {val_bacc:.3f}" if val_bacc is not None else ""))
     head.load_state_dict(best["state"])
+    # The kept epoch's confusion matrix (rows: true class), on the split that chose it; computed
+    # before a linear probe's standardisation is folded in, on the tokens it was trained on.
+    split = val_idx if len(val_idx) else train_idx
+    with torch.no_grad():
+        pred = head(tokens[split].float()).logits.argmax(-1).numpy()
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (labels[split], pred), 1)
     if pooling == "linear-probe":
         _fold_standardisation(head.classifier, cls_mean, cls_std)
     report = {
@@ -183,5 +190,7 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
         "num_train": int(len(train_idx)), "num_val": int(len(val_idx)), "best_epoch": best["epoch"],
         "selection_metric": "val_balanced_accuracy" if len(val_idx) else "train_balanced_accuracy (no validation split)",
         "best_metric": best["metric"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+        "history": history, "confusion": confusion.tolist(),
+        "confusion_split": "validation" if len(val_idx) else "training",
     }
     return head.eval(), report

@@ -28,6 +28,7 @@ from ..slide.decoding import reader_for, resolve_decode
 from ..tiling import plan_tiles
 from ..tissue import detect_tissue
 from .model import ScoringModel, load_scoring_model
+from .visuals import VisualOptions, VisualStep
 
 
 @dataclass
@@ -139,15 +140,24 @@ class SlideScorer:
     def finish(self, prepared: PreparedSlide, *, out: str | os.PathLike | None, name: str,
                progress: Callable[[int, int], None] | None = None, started: float | None = None,
                observers=(), need_attn: bool = False, need_pooled: bool = False,
-               annotate: Callable[[object, dict], object] | None = None) -> ScoreResult:
+               annotate: Callable[[object, dict], object] | None = None,
+               visuals: VisualOptions | None = None) -> ScoreResult:
         """Score the prepared slide; with `out`, write `<name>.tiles.parquet` then `<name>.summary.json`
         there, each atomically (a summary on disk means the slide finished). `observers` see every
         batch's tokens and head output (embeddings, attention maps; see pipeline/stages.py);
-        `annotate(table, summary) -> table` adds what they produced before anything is written."""
+        `annotate(table, summary) -> table` adds what they produced before anything is written.
+        `visuals` adds the heat map, GeoJSON, attention and report files (scoring/visuals.py)."""
         t_start = started or time.perf_counter()
         # Checked by the caller at the edge (score_slide, a screening worker's staging folder);
         # the atomic writers create it if it is missing.
         out_dir = Path(out) if out is not None else None
+        try:
+            step = VisualStep(visuals, self.model) if visuals is not None and visuals.wanted else None
+        except BaseException:
+            prepared.close()
+            raise
+        if step is not None:
+            observers, need_attn = (*observers, *step.observers), need_attn or step.need_attn
         timings = {"open": prepared.timings.get("open", 0.0),
                    "model_load": 0.0 if self._load_charged else self.model.load_seconds,
                    "tissue": prepared.timings.get("tissue", 0.0), "plan": prepared.timings.get("plan", 0.0)}
@@ -177,6 +187,8 @@ class SlideScorer:
             else:
                 probs = np.zeros((0, len(classes)), np.float32)
             slide_info = prepared.slide.info.to_dict()
+            if step is not None and out_dir is not None:
+                step.capture(prepared, probs, name)     # needs the slide open: thumbnail, chosen tiles
         finally:
             prepared.close()
 
@@ -216,6 +228,8 @@ class SlideScorer:
         summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
         wall = timings.get("scoring_wall")
         summary["throughput"] = {"tiles_per_s": round(total / wall, 2) if total and wall else None}
+        if step is not None and out_dir is not None:
+            summary["outputs"].update(step.write(out_dir, name, summary, prepared))
         if summary_path is not None:
             write_summary_json(summary, summary_path)
         return ScoreResult(summary, table, summary_path, tiles_path)

@@ -20,6 +20,9 @@ from ..heads import read_head_meta
 from ..models import get_preset
 from ..outputs.atomic import sha256_file
 
+# Beside the RunConfig's groups in a worker's job options: `screen --report` (not part of the identity).
+REPORT_KEY = "write_reports"
+
 # Keys of the identity; their order is the order `screen-status` prints them in.
 IDENTITY_KEYS = ("model", "model_file_sha256", "weights_sha256", "head_sha256", "pooling", "tile_size",
                  "target_mpp", "min_tissue", "top_k", "mpp_override", "backend", "precision", "seed")

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..outputs.atomic import atomic_path, atomic_write_bytes
+from ..outputs.report import write_screen_index
 from .layout import ScreenLayout
 from .ledger import Ledger, SlideRow
 
@@ -99,7 +100,18 @@ def write_results(ledger: Ledger, layout: ScreenLayout) -> int:
          for row in rows], schema=schema)
     with atomic_path(layout.summary_parquet) as tmp:
         pq.write_table(table, tmp)
+    write_index(layout, rows, [c for c in columns if c in score_cols])
     return len(rows)
+
+
+def write_index(layout: ScreenLayout, rows: list[dict], score_columns: list[str]) -> None:
+    """DIR/index.html: the table as a sortable page, each slide linked to its report when it has one."""
+    links = {}
+    for row in rows:
+        report = layout.slide_dir(row["slide_id"]) / f"{row['slide_id']}.report.html"
+        if row.get("status") == "done" and report.is_file():
+            links[row["slide_id"]] = report.relative_to(layout.root).as_posix()
+    write_screen_index(rows, score_columns, layout.root / "index.html", title=layout.root.name, report_links=links)
 
 
 class ResultsWriter:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..errors import ConfigError, JwthError
-from .config import config_hash, describe_difference, identity
+from .config import REPORT_KEY, config_hash, describe_difference, identity
 from .layout import ScreenLayout
 from .ledger import Ledger
 from .progress import ScreenDisplay
@@ -158,8 +158,10 @@ def run_screen(
     argv: list[str] | None = None,
     pool_factory=None,
     extra_identity: dict | None = None,
+    report: bool = False,
 ) -> ScreenReport:
-    """Screen every slide of `source` into `out`; see `jwth-engine screen --help`."""
+    """Screen every slide of `source` into `out`; see `jwth-engine screen --help`. `report` adds
+    each slide's NAME.report.html (pictures only: not part of the configuration's identity)."""
     t0 = time.monotonic()
     if gpus and ray_address:
         raise ConfigError("gpus is for local runs; on Ray each GPU of the cluster gets a worker "
@@ -196,7 +198,8 @@ def run_screen(
             report.seconds = time.monotonic() - t0
             return report
         display = ScreenDisplay(len(todo), skipped, live=progress)
-        pool = pool_factory(config.to_dict(), timeout_s=slide_timeout_s, log_dir=layout.logs)
+        options = {**config.to_dict(), REPORT_KEY: True} if report else config.to_dict()
+        pool = pool_factory(options, timeout_s=slide_timeout_s, log_dir=layout.logs)
         report.run_id = ledger.begin_run(current_hash, runner, getattr(pool, "size", 0), argv or sys.argv)
         driver = _Driver(ledger, layout, pool, display, results, report)
         old_term = signal.signal(signal.SIGTERM, _raise_stop)

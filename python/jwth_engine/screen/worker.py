@@ -48,7 +48,11 @@ class ScoreJob:
 
         from ..config import RunConfig
         from ..scoring import SlideScorer
+        from ..scoring.visuals import VisualOptions
+        from .config import REPORT_KEY
 
+        options = dict(options)
+        self.visuals = VisualOptions(report=True) if options.pop(REPORT_KEY, False) else None
         self.scorer = SlideScorer(RunConfig.from_dict(options))
         self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "device": str(self.scorer.device), "load_s": round(self.scorer.model.load_seconds, 2)}
@@ -65,7 +69,7 @@ class ScoreJob:
         staging = Path(task["staging"])
         staging.mkdir(parents=True, exist_ok=True)
         name = task["slide_id"]
-        result = self.scorer.finish(prepared, out=staging, name=name, progress=progress)
+        result = self.scorer.finish(prepared, out=staging, name=name, progress=progress, visuals=self.visuals)
         return {"summary": result.summary, "tiles_sha256": sha256_file(result.tiles_path),
                 "summary_sha256": sha256_file(result.summary_path)}
 
