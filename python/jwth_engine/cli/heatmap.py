@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..config import READERS, field_default
 from ..outputs.heatmap import DEFAULT_COLORMAP, DEFAULT_OPACITY, DEFAULT_SIZE, MIN_SIZE
 
 
@@ -48,7 +49,8 @@ def visual_options(func):
               help="PNG to write (default RESULTS_DIR/NAME.heatmap.png).")
 @click.option("--slide", "slide_path", type=click.Path(dir_okay=False), default=None,
               help="Where the slide is now, if it moved since it was scored.")
-@click.option("--reader", type=click.Choice(["auto", "cucim", "openslide"]), default="auto", show_default=True)
+@click.option("--reader", type=click.Choice(READERS), default=field_default("reader"), show_default=True,
+              help="Slide reader for the thumbnail (the scoring run's setting).")
 def heatmap(results, heatmap_class, heatmap_size, heatmap_colormap, heatmap_opacity, heatmap_scale, output,
             slide_path, reader):
     """Draw the heat map of a scored slide from its outputs (NAME.summary.json + NAME.tiles.parquet)."""

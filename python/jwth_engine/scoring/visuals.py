@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import TilingConfig
 from ..errors import ConfigError
 from ..outputs import atomic_write_bytes, remove_stale_temps
 from ..outputs.attention import AttentionCollector, render_attention_panel, write_attention_npz
@@ -291,7 +292,7 @@ def read_results(prefix: str | os.PathLike) -> tuple[dict, object]:
 
 
 def heatmap_from_results(prefix: str | os.PathLike, options: VisualOptions, *, out: str | os.PathLike | None = None,
-                         slide_path: str | None = None, reader: str = "auto") -> Path | None:
+                         slide_path: str | None = None, reader: str | None = None) -> Path | None:
     """Draw NAME.heatmap.png (or `out`) from a results folder; None (nothing written) for a slide
     with no tissue tiles."""
     check_visual_options(options)
@@ -312,7 +313,7 @@ def heatmap_from_results(prefix: str | os.PathLike, options: VisualOptions, *, o
     name = summary.get("slide", {}).get("name") or Path(prefix).name
     dest = Path(out) if out else visual_paths(Path(prefix).parent, Path(prefix).name)["heatmap_png"]
     mpp = summary.get("slide", {}).get("mpp_used")
-    with open_slide(path, reader=reader) as slide:
+    with open_slide(path, reader=reader or TilingConfig.reader) as slide:
         tissue = detect_tissue(slide, mpp=mpp)
         png = draw_heatmap(slide, tissue, table.column("x").to_numpy(), table.column("y").to_numpy(),
                            table.column("width").to_numpy(), table.column("height").to_numpy(),
