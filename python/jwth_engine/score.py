@@ -51,7 +51,7 @@ def score_slide(
     """
     started = time.perf_counter()
     check_options(batch_size=batch_size, min_tissue=min_tissue, top_k=top_k)
-    out_dir = check_out_dir(out)
+    out_dir = check_out_dir(out, create=False)
     t_open = time.perf_counter()
     opened = open_for_scoring(path, reader=reader, mpp=mpp)
     t_open = time.perf_counter() - t_open

@@ -46,12 +46,17 @@ def output_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
     return out / f"{name}.tiles.parquet", out / f"{name}.summary.json"
 
 
-def check_out_dir(out: str | os.PathLike | None) -> Path | None:
+def check_out_dir(out: str | os.PathLike | None, *, create: bool = True) -> Path | None:
+    """`out` as a usable output folder; with create=False it is only checked (a slide that turns
+    out to be unreadable must leave nothing behind, not even the folder)."""
     if out is None:
         return None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out exists and is not a folder")
+    if not create:
+        check_creatable_dir(out)
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -59,6 +64,15 @@ def check_out_dir(out: str | os.PathLike | None) -> Path | None:
     if not os.access(out, os.W_OK):
         raise ConfigError(f"{out}: output folder is not writable")
     return out
+
+
+def check_creatable_dir(out: Path) -> None:
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"{out}: cannot create output folder ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: output folder is not writable" if existing == out
+                          else f"{out}: cannot create output folder ({existing} is not writable)")
 
 
 def check_options(*, batch_size: int, min_tissue: float, top_k: int) -> None:
@@ -224,14 +238,20 @@ class SlideScorer:
 
     def finish(self, prepared: PreparedSlide, *, out: str | os.PathLike | None, name: str,
                progress: Callable[[int, int], None] | None = None, started: float | None = None) -> ScoreResult:
-        """Score the prepared slide; with `out`, write `<name>.tiles.parquet` then `<name>.summary.json`
-        there, each atomically (a summary on disk means the slide finished)."""
-        from .outputs import aggregate_scores, package_versions, remove_stale_temps, sha256_file
-        from .outputs import tiles_table, write_summary_json, write_tiles_parquet
+        """Score the prepared slide; with `out`, commit `<name>.tiles.parquet` and `<name>.summary.json`
+        there as one unit (outputs.SlideOutputWriter: a summary on disk means the slide finished)."""
+        from .outputs import (SlideOutputWriter, aggregate_scores, package_versions, recover_slide_outputs,
+                              remove_stale_temps, tiles_table)
         from .pipeline import PipelineStats, run_streaming
 
         t_start = started or time.perf_counter()
         out_dir = check_out_dir(out)
+        if out_dir is not None:
+            # A run of this slide killed while committing its outputs is finished first, so that a
+            # failure of this one leaves a consistent pair on disk (see outputs/slide_outputs.py).
+            note = recover_slide_outputs(out_dir, name)
+            if note:
+                logging.getLogger("jwth_engine").info("%s", note)
         timings = {"open": prepared.timings.get("open", 0.0),
                    "model_load": 0.0 if self._load_charged else self.model.load_seconds,
                    "tissue": prepared.timings.get("tissue", 0.0), "plan": prepared.timings.get("plan", 0.0)}
@@ -303,14 +323,14 @@ class SlideScorer:
         if out_dir is not None:
             t = time.perf_counter()
             remove_stale_temps(out_dir)
-            tiles_path, summary_path = output_paths(out_dir, name)
-            write_tiles_parquet(table, tiles_path)
-            summary["outputs"] = {"tiles_parquet": tiles_path.name, "tiles_parquet_sha256": sha256_file(tiles_path)}
+            writer = SlideOutputWriter(out_dir, name)
+            tiles_path, summary_path = writer.tiles_path, writer.summary_path
+            summary["outputs"] = writer.write_tiles(table)
             timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
         wall = timings.get("scoring_wall")
         summary["throughput"] = {"tiles_per_s": round(total / wall, 2) if total and wall else None}
         if summary_path is not None:
-            write_summary_json(summary, summary_path)
+            writer.commit(summary)
         return ScoreResult(summary, table, summary_path, tiles_path)

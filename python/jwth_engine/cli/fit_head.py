@@ -66,8 +66,12 @@ def fit_head(labels_csv, model, weights, pooling, num_heads, out_path, root, whe
     head, report = train_head(
         tokens, labels, pooling=pooling, num_classes=len(data.classes), num_heads=num_heads,
         num_prefix_tokens=backbone.num_prefix_tokens, epochs=epochs, lr=lr, val_fraction=val_fraction,
-        seed=seed, log=lambda msg: click.echo(msg, err=True),
+        seed=seed, classes=data.classes, log=lambda msg: click.echo(msg, err=True),
+        warn=lambda msg: click.echo(f"warning: {msg}", err=True),
     )
+    # Listed in the --json report so that the validation score can be checked; kept out of the head
+    # file, whose metadata would grow with the data set.
+    val_tiles = [str(data.paths[i]) for i in report.pop("val_tiles")]
     report.update({"labels_csv": str(labels_csv), "num_tiles": len(labels), "classes": data.classes,
                    "class_counts": {c: int((labels == i).sum()) for i, c in enumerate(data.classes)},
                    "backbone_random_init": backbone.random_init})
@@ -76,11 +80,16 @@ def fit_head(labels_csv, model, weights, pooling, num_heads, out_path, root, whe
                     backbone_preset=preset.name, backbone_weights_hash=backbone.weights_hash,
                     tile_size=tile_size, target_mpp=target_mpp or preset.native_mpp, training=report)
     report["sha256"] = save_head(head, meta, out_path)
+    report["val_tiles"] = val_tiles
     if print_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        click.echo(f"wrote {out_path}: {pooling} head, {len(data.classes)} classes, "
-                   f"{report['selection_metric']} {report['best_metric']:.3f} (epoch {report['best_epoch'] + 1})")
+        val = report["val_balanced_accuracy"]
+        split = ", ".join(f"{c} {n['train']}/{n['val']}" for c, n in report["split"].items())
+        click.echo(f"wrote {out_path}: {pooling} head, {len(data.classes)} classes; tiles train/val: {split}")
+        click.echo(f"epoch {report['selected_epoch'] + 1} (last): balanced accuracy train "
+                   f"{report['train_balanced_accuracy']:.3f}, validation "
+                   + (f"{val:.3f} on {report['num_val']} tiles" if val is not None else "not measured (--val-fraction 0)"))
 
 
 commands = [fit_head]
