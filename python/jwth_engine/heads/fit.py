@@ -182,7 +182,7 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         head.eval()
         with torch.no_grad():
             pred = head(tokens.float()).logits.argmax(-1).numpy()
