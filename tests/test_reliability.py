@@ -85,8 +85,6 @@ def test_two_processes_scoring_into_one_folder_both_succeed(cli_cmd, cmu_small, 
     """A `score` starting in a folder where another process is writing must not delete that
     process's temp file; and two real `score` runs on different slides into one folder both
     finish with consistent outputs."""
-    from jwth_engine.outputs import load_slide_outputs
-
     out = tmp_path / "out"
     out.mkdir()
     writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -113,6 +111,8 @@ def test_two_processes_scoring_into_one_folder_both_succeed(cli_cmd, cmu_small, 
             writer.kill()
     assert writer.returncode == 0 and stdout.strip() == "done", stderr
     assert (out / "other.bin").read_bytes() == b"first half second half"
+    from jwth_engine.outputs import load_slide_outputs
+
     for name in (NAME, ndpi.stem):
         outputs = load_slide_outputs(out, name)
         assert outputs.tiles.num_rows == outputs.summary["tiles"]["scored"] > 0
@@ -272,7 +272,7 @@ def test_screen_on_a_full_disk_stops_cleanly_and_resumes(cli_cmd, cmu_small, sma
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     last = error_lines(proc.stderr)[-1]
-    assert last.startswith(f"error: {out}") and "full" in last, proc.stderr
+    assert last.startswith(f"error: {out}") and "full" in last and "free space" in last, proc.stderr
     filler.unlink()    # (a reader of a WAL database needs room for its shared-memory file)
     with sqlite3.connect(f"file:{out / 'ledger.sqlite'}?mode=ro", uri=True) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
