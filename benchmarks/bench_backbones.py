@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,30 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jwth_engine.pipeline.bench import cpu_model
+from jwth_engine import runtime
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(os.environ.get("JWTH_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def machine(device: torch.device) -> dict:
-    from importlib import metadata
-
-    from jwth_engine.backends.select import cpu_has_native_bf16
-
-    info = {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_native_bf16": cpu_has_native_bf16(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
+    info = {**runtime.machine(), "versions": runtime.library_versions("onnx", "onnxscript"),
             "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
-    for dist in ("timm", "onnxruntime", "onnx", "onnxscript", "tensorrt"):
-        try:
-            info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1), torch_cuda=torch.version.cuda)
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
     return info
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from jwth_engine import _native
-from jwth_engine.pipeline.bench import cpu_model
+from jwth_engine import runtime
 from jwth_engine.heads.native import NativeHead
 from jwth_engine.heads.reference import JwthPoolingHead, LinearProbeHead
 
@@ -41,15 +40,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine(device: torch.device) -> dict:
-    info = {
-        "cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-        "numpy": np.__version__, "native": _native.describe(),
-    }
+    info = {**runtime.machine(), "versions": runtime.library_versions(), "native": _native.describe()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_sms=props.multi_processor_count,
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1), torch_cuda=torch.version.cuda)
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
     return info
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -34,27 +33,10 @@ NOTE = ("Wall time includes starting the workers (torch import, model load) and 
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    from importlib.metadata import PackageNotFoundError, version
+    from jwth_engine import runtime
 
-    versions = {}
-    for dist in ("jwth-engine", "torch", "ray", "cucim-cu13", "openslide-bin"):
-        try:
-            versions[dist] = version(dist)
-        except PackageNotFoundError:
-            continue
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem_gib, 1),
-            "load_average_before": [round(x, 2) for x in os.getloadavg()],
-            "gpu": "none", "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions}
+    return {**runtime.machine(), "load_average_before": [round(x, 2) for x in os.getloadavg()],
+            "versions": runtime.library_versions("ray")}
 
 
 def copy_slides(data: Path, dest: Path, copies: int) -> list[str]:

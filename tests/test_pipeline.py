@@ -124,6 +124,33 @@ def test_streaming_linear_probe_equals_sequential(cmu, cmu_grid):
     assert np.array_equal(probs, ref)
 
 
+def test_batch_observers_see_every_row_once_in_order(cmu, cmu_grid):
+    """Observers get each batch's tokens and head output in grid order; asking for attention and
+    pooled vectors does not change the probabilities."""
+    plain = _stage()
+    ref, _ = run_streaming(cmu, cmu_grid, plain, batch_size=7)
+    seen_rows, pooled, attn, probs_seen = [], [], [], []
+
+    def observe(first_row, tokens, head_output, probs):
+        seen_rows.append((first_row, tokens.shape[0]))
+        pooled.append(head_output.pooled.clone())
+        attn.append(head_output.attn.clone())
+        probs_seen.append(probs.clone())
+
+    stage = _stage()
+    stage.observers, stage.need_attn, stage.need_pooled = (observe,), True, True
+    probs, _ = run_streaming(cmu, cmu_grid, stage, batch_size=7, num_workers=2)
+    n = len(cmu_grid.coords)
+    assert np.array_equal(probs, ref)
+    assert [r for r, _ in seen_rows] == list(range(0, n, 7))
+    assert sum(k for _, k in seen_rows) == n
+    assert np.array_equal(torch.cat(probs_seen).numpy(), probs)
+    attn = torch.cat(attn)
+    assert attn.shape == (n, stage.head.num_heads, 256)   # 224 / 14 = 16 x 16 patch tokens
+    assert torch.allclose(attn.sum(-1), torch.ones(attn.shape[:2]), atol=1e-5)
+    assert torch.cat(pooled).shape == (n, 96)
+
+
 def test_prefetched_tiles_equal_tile_reads(cmu, cmu_grid):
     """What the model sees: every tile equals a plain read_region of its coordinates, in grid order."""
     r = cmu_grid.read_size

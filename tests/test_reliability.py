@@ -41,9 +41,8 @@ def run_cli(cli_cmd, *args, timeout: float = 600) -> subprocess.CompletedProcess
 
 
 def error_lines(stderr: str) -> list[str]:
-    """stderr without the expected warnings (random weights/head) and the backend announcement."""
-    return [line for line in stderr.splitlines()
-            if line.strip() and not line.startswith(("warning:", "jwth-engine:"))]
+    """The engine's error lines (native libraries print their own noise on stderr: cuFile, libcuda)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 # --- atomic writes ------------------------------------------------------------------------------
@@ -194,7 +193,8 @@ def test_bad_slide_writes_nothing_not_even_the_out_folder(cli_cmd, fixtures_dir,
     for bad in (tmp_path / "missing.svs", fixtures_dir / "unopenable.tiff"):
         proc = run_cli(cli_cmd, "score", bad, *TINY, "--out", out)
         assert proc.returncode == 2, proc.stderr
-        assert len(error_lines(proc.stderr)) == 1 and str(bad) in proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "new").exists()
     blocked = tmp_path / "file"
     blocked.write_text("")
@@ -302,7 +302,8 @@ def hold_the_gil(task, options, progress):
 
 
 def test_a_worker_that_never_becomes_ready_fails_its_slide(tmp_path):
-    from jwth_engine.screen import ScreenOptions, run_screen
+    from jwth_engine.config import RunConfig
+    from jwth_engine.screen import run_screen
     from jwth_engine.screen.local import LocalPool, WorkerSpec
 
     src = tmp_path / "src"
@@ -316,7 +317,7 @@ def test_a_worker_that_never_becomes_ready_fails_its_slide(tmp_path):
                          job="test_reliability:HangingStartJob")
 
     t0 = time.monotonic()
-    report = run_screen(src, tmp_path / "out", ScreenOptions(model="test_tiny_patch14_reg4"), pool_factory=pool,
+    report = run_screen(src, tmp_path / "out", RunConfig.from_kwargs(model="test_tiny_patch14_reg4"), pool_factory=pool,
                         slide_timeout_s=300, ready_timeout_s=2, progress=False, results_interval_s=0)
     assert time.monotonic() - t0 < 60
     assert sorted(report.failed) == ["a", "b"]
@@ -346,7 +347,8 @@ def test_workers_die_with_a_killed_driver(tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(TESTS_DIR)!r})
-        from jwth_engine.screen import ScreenOptions, run_screen
+        from jwth_engine.config import RunConfig
+        from jwth_engine.screen import run_screen
         from jwth_engine.screen.local import LocalPool, WorkerSpec
 
         def pool(options, *, timeout_s, log_dir, **kwargs):
@@ -354,7 +356,7 @@ def test_workers_die_with_a_killed_driver(tmp_path):
             return LocalPool([spec], dict(options, marker={str(marker)!r}), timeout_s=timeout_s, log_dir=log_dir,
                              job="test_reliability:hold_the_gil")
 
-        run_screen({str(src)!r}, {str(tmp_path / 'out')!r}, ScreenOptions(model="test_tiny_patch14_reg4"),
+        run_screen({str(src)!r}, {str(tmp_path / 'out')!r}, RunConfig.from_kwargs(model="test_tiny_patch14_reg4"),
                    pool_factory=pool, progress=False)
     """)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -462,7 +464,7 @@ def test_fit_head_reports_the_split_and_the_kept_epochs_validation_score(cli_cmd
     chosen = select_backend(backbone, backend="torch", device="cpu", precision="fp32", max_batch=16, compile=False)
     stage = ModelStage(chosen, head=None, tile_size=224, mean=backbone.preset.mean, std=backbone.preset.std)
     val_paths = [Path(p) for p in report["val_tiles"]]
-    tokens = embed_tiles(load_tile_images(val_paths, 224), stage, 16)
+    tokens = embed_tiles(load_tile_images(val_paths), stage, 16)
     head = load_head(head_path)
     with torch.no_grad():
         pred = head.module(tokens.float()).logits.argmax(-1).numpy()
@@ -477,18 +479,19 @@ def test_fit_head_reports_the_split_and_the_kept_epochs_validation_score(cli_cmd
 def test_fit_head_warns_or_refuses_without_validation_tiles():
     import torch
 
-    from jwth_engine.errors import ConfigError
+    from jwth_engine.config import TrainingConfig
+    from jwth_engine.errors import FitError
     from jwth_engine.heads.fit import train_head
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(7, 5, 16, generator=g)
     warnings = []
-    _, report = train_head(tokens, np.array([0, 0, 0, 1, 1, 1, 2]), pooling="jwth", num_classes=3, num_heads=2,
-                           num_prefix_tokens=1, epochs=2, val_fraction=0.3, classes=["a", "b", "c"],
-                           warn=warnings.append)
+    _, report = train_head(tokens, np.array([0, 0, 0, 1, 1, 1, 2]), pooling="jwth", num_classes=3,
+                           num_prefix_tokens=1, training=TrainingConfig(num_heads=2, epochs=2, val_fraction=0.3),
+                           seed=0, classes=["a", "b", "c"], warn=warnings.append)
     assert report["split"] == {"a": {"train": 2, "val": 1}, "b": {"train": 2, "val": 1}, "c": {"train": 1, "val": 0}}
     assert report["classes_without_validation"] == ["c"]
     assert len(warnings) == 1 and "c" in warnings[0] and "no validation tiles" in warnings[0]
-    with pytest.raises(ConfigError, match="nothing to validate on"):
-        train_head(tokens[:2], np.array([0, 1]), pooling="jwth", num_classes=2, num_heads=2,
-                   num_prefix_tokens=1, epochs=1, val_fraction=0.5)
+    with pytest.raises(FitError, match="nothing to validate on"):
+        train_head(tokens[:2], np.array([0, 1]), pooling="jwth", num_classes=2, num_prefix_tokens=1,
+                   training=TrainingConfig(num_heads=2, epochs=1, val_fraction=0.5), seed=0)

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jwth_engine.errors import ConfigError, SlideError
-from jwth_engine.screen import ScreenOptions, run_screen
+from jwth_engine.config import RunConfig
+from jwth_engine.screen import run_screen
 from jwth_engine.screen.layout import ScreenLayout
 from jwth_engine.screen.ledger import Ledger
 from jwth_engine.screen.local import LocalPool, WorkerSpec
@@ -57,7 +58,7 @@ def fake_job(task: dict, options: dict, progress) -> dict:
     staging.mkdir(parents=True, exist_ok=True)
     sid = task.slide_id
     tiles = staging / f"{sid}.tiles.parquet"
-    atomic_write_bytes(tiles, Path(task.path).read_bytes() + options["model"].encode())
+    atomic_write_bytes(tiles, Path(task.path).read_bytes() + options["model"]["model"].encode())
     progress(1, 1)
     time.sleep(float(os.environ.get("FAKE_JOB_SLEEP", "0")))
     mean = (len(name) % 10) / 10
@@ -113,7 +114,7 @@ def ledger_rows(out: Path) -> dict[str, dict]:
 
 
 def fake_run(source, out, **kwargs):
-    options = ScreenOptions(**{**FAKE_OPTIONS, **kwargs.pop("options", {})})
+    options = RunConfig.from_kwargs(**{**FAKE_OPTIONS, **kwargs.pop("options", {})})
     pool = kwargs.pop("pool", None) or fake_pool()
     return run_screen(source, out, options, pool_factory=pool, progress=False, results_interval_s=0, **kwargs)
 
@@ -420,7 +421,7 @@ def test_native_crash_in_a_worker_is_recorded(fixtures_dir, tiny_svs, tmp_path):
     shutil.copy(fixtures_dir / "boxes.tiff", src / "a_boxes.tiff")
     shutil.copy(tiny_svs, src / "b_small.svs")
     out = tmp_path / "out"
-    options = ScreenOptions(model="test_tiny_patch14_reg4", precision="fp32", batch_size=16)
+    options = RunConfig.from_kwargs(model="test_tiny_patch14_reg4", precision="fp32", batch_size=16)
 
     def pool(opts, *, timeout_s, log_dir, **kwargs):
         spec = WorkerSpec("cpu0", {"PYTHONPATH": str(TESTS_DIR), "OMP_NUM_THREADS": "1"})
@@ -487,8 +488,7 @@ def test_slide_scorer_writes_what_score_slide_writes(cmu_small, tmp_path):
     the same files as score_slide itself."""
     import pyarrow as pa
 
-    from jwth_engine.score import score_slide
-    from jwth_engine.scorer import SlideScorer
+    from jwth_engine.scoring import SlideScorer, score_slide
 
     options = dict(model="test_tiny_patch14_reg4", precision="fp32", batch_size=16, num_workers=1)
     reference = score_slide(cmu_small, out=tmp_path / "ref", name="s", **options)

@@ -9,16 +9,27 @@ traceback.
 from __future__ import annotations
 
 import os
+import re
 
 
 class JwthError(Exception):
-    """An error the user can act on; `str(err)` is one self-contained line."""
+    """An error the user can act on; `str(err)` is one self-contained line.
+
+    Messages speak the Python API's vocabulary (`batch_size must be >= 1`); `field` names the
+    setting at fault, so that the CLI can say `--batch-size` instead (`cli_message`)."""
 
     exit_code = 2
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, field: str | None = None):
         # One line, always: native libraries like to end messages with newlines or embed them.
         super().__init__(" ".join(str(message).split()))
+        self.field = field
+
+    def cli_message(self, flag: str) -> str:
+        """The message with the setting's name replaced by its command-line flag."""
+        if not self.field:
+            return str(self)
+        return re.sub(rf"(?<![\w-]){re.escape(self.field)}\b", flag, str(self), count=1)
 
 
 class SlideError(JwthError):
@@ -44,6 +55,10 @@ class BackendUnavailable(JwthError):
 
 class ConfigError(JwthError):
     """Options that contradict each other or an output folder that cannot be used."""
+
+
+class FitError(JwthError):
+    """Training a head cannot proceed: labels file, tile images or training settings."""
 
 
 class OutputError(JwthError):

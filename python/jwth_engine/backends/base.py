@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -60,10 +60,12 @@ def token_rel_error(tokens: torch.Tensor, reference: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def library_versions(*modules: str) -> dict[str, str]:
-    """Installed versions of torch, timm and the given runtime modules (absent ones are skipped)."""
+def library_versions(*modules: str, dists: Sequence[str] = ("timm",)) -> dict[str, str]:
+    """Installed versions of torch, of the distributions `dists` (from their metadata, nothing
+    imported) and of the given modules (imported; absent ones are skipped). The one version
+    collector: backends describe themselves with it, jwth_engine.runtime adds the rest."""
     versions = {"torch": torch.__version__}
-    for dist in ("timm",):
+    for dist in dists:
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -73,6 +75,8 @@ def library_versions(*modules: str) -> dict[str, str]:
             versions[module] = str(getattr(importlib.import_module(module), "__version__", "installed"))
         except ImportError:
             continue
+        except OSError as exc:  # a wheel whose native library cannot be loaded
+            versions[module] = f"cannot load ({exc})"
     if torch.version.cuda:
         versions["torch_cuda"] = torch.version.cuda
     return versions

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable, ConfigError, ModelError
+from ..preprocess import preprocess
 from ..specs import spec_path
 from .base import NUMERICS, check_images, describe_device, library_versions
 from .engine_cache import (ArtifactKey, artifact_lock, artifact_path, atomic_write_bytes, resolve_cache_dir,
@@ -164,8 +165,8 @@ def timing_cache_path(cache_dir, gpu_name: str, compute_capability: str, tensorr
 # --- fp8 calibration ----------------------------------------------------------------------------
 
 def load_calibration(path: str | os.PathLike, backbone, min_tiles: int) -> np.ndarray:
-    """Calibration images for FP8: a .npy of uint8 tiles [N, S, S, 3] (normalised here with the
-    preset's mean/std) or of preprocessed float32 images [N, 3, S, S]."""
+    """Calibration images for FP8: a .npy of uint8 tiles [N, S, S, 3] (preprocessed here exactly as
+    scoring preprocesses tiles) or of preprocessed float32 images [N, 3, S, S]."""
     path = Path(path)
     try:
         data = np.load(path, allow_pickle=False)
@@ -173,9 +174,7 @@ def load_calibration(path: str | os.PathLike, backbone, min_tiles: int) -> np.nd
         raise ConfigError(f"{path}: cannot read calibration tiles ({exc}); expected a .npy array") from exc
     size = backbone.preset.input_size
     if data.dtype == np.uint8 and data.ndim == 4 and data.shape[1:] == (size, size, 3):
-        mean = np.asarray(backbone.preset.mean, np.float32).reshape(1, 3, 1, 1)
-        std = np.asarray(backbone.preset.std, np.float32).reshape(1, 3, 1, 1)
-        data = (data.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - mean) / std
+        data = preprocess(np.ascontiguousarray(data), size, backbone.preset.mean, backbone.preset.std).numpy()
     elif data.dtype == np.float32 and data.ndim == 4 and data.shape[1:] == (3, size, size):
         pass
     else:

@@ -11,17 +11,20 @@ import warnings
 
 import click
 
+from ..config import flag_of
 from ..errors import JwthError
 
 
 class _Group(click.Group):
-    """Turns JwthError into one line on stderr and its exit code, instead of a traceback."""
+    """Turns JwthError into one line on stderr and its exit code, instead of a traceback; a
+    setting named in the API's words (`batch_size`) is named by its flag (`--batch-size`)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except JwthError as exc:
-            click.echo(f"error: {exc}", err=True)
+            message = exc.cli_message(flag_of(exc.field)) if exc.field else str(exc)
+            click.echo(f"error: {message}", err=True)
             sys.exit(exc.exit_code)
 
 

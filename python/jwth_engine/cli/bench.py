@@ -8,13 +8,12 @@ import sys
 
 import click
 
-from .options import model_options, tiling_options
+from .options import config_options, run_config
 
 
 @click.command()
 @click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
-@model_options
-@tiling_options
+@config_options("model", "runtime", "tiling", "aggregation")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the full result to this JSON file ('-' for stdout).")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -29,10 +28,7 @@ from .options import model_options, tiling_options
               help="Time OpenSlide single-thread reads of the same tiles.")
 @click.option("--sequential/--no-sequential", default=True, show_default=True,
               help="Also run the sequential reference once and compare scores.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights/heads.")
-def bench(slide, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
-          num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, json_path, repeats, prefetch,
-          locality, nice, baseline, sequential, seed):
+def bench(slide, json_path, repeats, prefetch, locality, nice, baseline, sequential, **settings):
     """Benchmark scoring SLIDE: decode, preprocess, backbone and head alone, then end to end.
 
     Reports tiles/s per stage, p50/p99 batch latency, slides/h, peak RSS and GPU memory, and the
@@ -42,18 +38,15 @@ def bench(slide, model, weights, head, pooling, device, backend, precision, no_c
     # Each pass must decode: cuCIM's decoded-tile cache would turn repeated passes into cache
     # reads. Set before cuCIM is first imported (it reads its configuration once per process).
     os.environ.setdefault("JWTH_CUCIM_CACHE_MB", "0")
-    from ..pipeline.bench import bench_slide, format_table
+    from ..bench import bench_slide, format_table
+
+    config = run_config(settings)
 
     def log(message: str) -> None:
         click.echo(message, err=True)
 
-    result = bench_slide(
-        slide, model=model, weights=weights, head=head, pooling=pooling, backend=backend, device=device,
-        precision=precision, batch_size=batch_size, num_workers=num_workers, prefetch=prefetch, reader=reader,
-        mpp=mpp, tile_size=tile_size, target_mpp=target_mpp, min_tissue=min_tissue, repeats=repeats,
-        locality=locality, compile=False if no_compile else None, seed=seed, baseline=baseline,
-        sequential=sequential, nice=nice, log=log,
-    )
+    result = bench_slide(slide, config, prefetch=prefetch, repeats=repeats, locality=locality,
+                         baseline=baseline, sequential=sequential, nice=nice, log=log)
     text = json.dumps(result, indent=2) + "\n"
     if json_path == "-":
         sys.stdout.write(text)

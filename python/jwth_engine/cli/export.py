@@ -31,37 +31,17 @@ def _log(message: str) -> None:
 def export_onnx(model, weights, output, precision, opset, verify, seed, as_json):
     """Export the backbone: images [batch, 3, S, S] -> tokens [batch, T, D] (class, registers,
     patches after the final norm), dynamic batch."""
-    from ..backends.base import NUMERICS
-    from ..backends.onnx_export import export_onnx as export
-    from ..backends.onnx_export import verify_onnx
-    from ..errors import BackendUnavailable, ModelError
-    from ..models import load_backbone
+    from ..scoring.export import export_onnx as export
 
-    backbone = load_backbone(model, weights, seed=seed)
-    path = export(backbone, output, precision=precision, opset=opset)
-    report = {"onnx": str(path), "preset": backbone.preset.name, "precision": precision, "opset": opset,
-              "weights_hash": backbone.weights_hash, "input": ["batch", 3, backbone.preset.input_size,
-                                                              backbone.preset.input_size],
-              "output": ["batch", backbone.num_tokens, backbone.embed_dim],
-              "num_prefix_tokens": backbone.num_prefix_tokens}
-    if verify:
-        try:
-            check = verify_onnx(backbone, path)
-        except BackendUnavailable as exc:
-            check = {"skipped": str(exc)}
-            _log(f"not verified: {exc}")
-        else:
-            tolerance = NUMERICS[precision][0]
-            check["tolerance"] = tolerance
-            if not check["token_rel_error"] < tolerance:
-                raise ModelError(f"{path}: ONNX Runtime tokens differ from PyTorch by relative error "
-                                 f"{check['token_rel_error']:.2e} (tolerance {tolerance:.0e} for {precision})")
-        report["verification"] = check
+    report = export(model, output, weights=weights, precision=precision, opset=opset, verify=verify, seed=seed,
+                    log=_log)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"wrote {path}: images [batch, 3, {backbone.preset.input_size}, {backbone.preset.input_size}] -> "
-               f"tokens [batch, {backbone.num_tokens}, {backbone.embed_dim}] ({precision}, opset {opset})")
+    _, _, size, _ = report["input"]
+    _, tokens, dim = report["output"]
+    click.echo(f"wrote {report['onnx']}: images [batch, 3, {size}, {size}] -> tokens [batch, {tokens}, {dim}] "
+               f"({precision}, opset {opset})")
     check = report.get("verification", {})
     if "token_rel_error" in check:
         click.echo(f"verified on ONNX Runtime (batch {check['batch_sizes']}): token relative error "
@@ -87,18 +67,8 @@ def export_onnx(model, weights, output, precision, opset, verify, seed, as_json)
 def build_engine(model, weights, precision, max_batch, calibration, cache_dir, profile, force, seed):
     """Build the TensorRT engine of a backbone for this GPU into the engine cache (reused by
     `score --backend tensorrt`) and print its path."""
-    import torch
+    from ..scoring.export import build_engine as build
 
-    from ..backends.tensorrt_backend import build_engine as build
-    from ..backends.tensorrt_backend import require_tensorrt
-    from ..errors import BackendUnavailable
-    from ..models import load_backbone
-
-    # Fail before loading weights: both checks are instant, a ViT-g checkpoint is not.
-    require_tensorrt("build-engine")
-    if not torch.cuda.is_available():
-        raise BackendUnavailable("build-engine: TensorRT needs a CUDA GPU and torch sees none")
-    backbone = load_backbone(model, weights, seed=seed)
-    path = build(backbone, precision=precision, max_batch=max_batch, cache_dir=cache_dir,
-                 calibration=calibration, profile=profile, force=force, log=_log)
+    path = build(model, weights=weights, precision=precision, max_batch=max_batch, calibration=calibration,
+                 cache_dir=cache_dir, profile=profile, force=force, seed=seed, log=_log)
     click.echo(str(path))

@@ -1,58 +1,61 @@
-"""Options shared by `score`, `bench` and `screen` (one definition, same names everywhere)."""
+"""Click options generated from the configuration's declarations (jwth_engine.config): the name,
+type, choices, default and help of each option are those of its config field, so a setting is
+declared once and every command that takes its group gets the same option. Bounds are checked
+by the config itself (one check, the same for the API), not by click."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import click
 
-POOLINGS = ["jwth", "linear-probe"]
-DEVICES = ["auto", "cpu", "cuda"]
-BACKENDS = ["auto", "torch", "onnxruntime", "tensorrt"]
-PRECISIONS = ["auto", "fp32", "bf16", "fp16", "fp8"]
+from ..config import GROUPS, RunConfig, flag_of
+
+_CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING, bool: click.BOOL}
 
 
-def model_options(func):
-    """Backbone, head and runtime options."""
-    decorators = [
-        click.option("--model", default=None, metavar="PRESET|FILE.json",
-                      help="Backbone preset name or preset JSON (default: the head's preset, else jwth_vitl14_reg4). "
-                           "`jwth-engine doctor` lists them."),
-        click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="Backbone checkpoint (.safetensors, or .pt/.pth/.bin loaded with weights_only)."),
-        click.option("--head", type=click.Path(exists=True, dir_okay=False), default=None,
-                     help="Head file (.safetensors from fit-head). Without it a random head is used."),
-        click.option("--pooling", type=click.Choice(POOLINGS), default=None,
-                     help="Head kind when no --head is given (default jwth)."),
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
-        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                     help="Backbone runtime; auto = TensorRT with a GPU when installed, else torch."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                     help="auto = bf16 (GPU and CPU); fp32 forces full precision."),
-        click.option("--no-compile", "no_compile", is_flag=True,
-                     help="Disable torch.compile / CUDA graphs in the torch backend."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
-        click.option("--workers", "num_workers", type=click.IntRange(min=0), default=2, show_default=True,
-                     help="Decode threads."),
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+def _option(f):
+    meta = f.metadata
+    if meta["negate_flag"]:
+        # A None default ("let the backend decide") that the user can only turn off.
+        return click.option(meta["negate_flag"], f"no_{f.name}", is_flag=True, help=meta["help"])
+    if meta["choices"] is not None:
+        kind = click.Choice(list(meta["choices"]))
+    elif meta["path"]:
+        kind = click.Path(exists=True, dir_okay=False)
+    else:
+        kind = _CLICK_TYPES[meta["kind"]]
+    return click.option(flag_of(f.name), f.name, type=kind, default=f.default, metavar=meta["metavar"],
+                        show_default=f.default is not None, help=meta["help"] or None)
 
 
-def tiling_options(func):
-    decorators = [
-        click.option("--mpp", type=float, default=None,
-                     help="Override the slide's microns per pixel at level 0."),
-        click.option("--tile-size", type=click.IntRange(min=16), default=None,
-                     help="Model input size in px (default: head's, else preset's, 224)."),
-        click.option("--target-mpp", type=click.FloatRange(min=0.01), default=None,
-                     help="Resolution the tiles are cut at (default: head's, else preset's, 0.5)."),
-        click.option("--min-tissue", type=click.FloatRange(0, 1), default=0.25, show_default=True,
-                     help="Tiles with a smaller tissue fraction are not scored."),
-        click.option("--top-k", type=click.IntRange(min=1), default=16, show_default=True,
-                     help="Slide score also reports the mean of the k highest tile probabilities."),
-        click.option("--reader", type=click.Choice(["auto", "cucim", "openslide"]), default="auto",
-                     show_default=True),
-    ]
-    for decorator in reversed(decorators):
-        func = decorator(func)
-    return func
+def config_options(*groups, exclude: tuple[str, ...] = ()):
+    """Decorator: one option per field of the given config groups (classes or RunConfig group names)."""
+    classes = [GROUPS[g] if isinstance(g, str) else g for g in groups]
+    decorators = [_option(f) for cls in classes for f in fields(cls)
+                  if f.metadata["cli"] and f.name not in exclude]
+
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+def pop_settings(kwargs: dict, cls) -> dict:
+    """Take the fields of `cls` (a config group) out of a command's keyword arguments."""
+    out = {}
+    for f in fields(cls):
+        if f.metadata["negate_flag"] and f"no_{f.name}" in kwargs:
+            out[f.name] = False if kwargs.pop(f"no_{f.name}") else None
+        elif f.name in kwargs:
+            out[f.name] = kwargs.pop(f.name)
+    return out
+
+
+def run_config(kwargs: dict, **extra) -> RunConfig:
+    """The RunConfig of a command's options (removed from `kwargs`), plus `extra` settings."""
+    settings = {}
+    for cls in GROUPS.values():
+        settings.update(pop_settings(kwargs, cls))
+    return RunConfig.from_kwargs(**settings, **extra)

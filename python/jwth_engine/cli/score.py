@@ -7,35 +7,26 @@ import sys
 
 import click
 
-from .options import model_options, tiling_options
+from .options import config_options, run_config
 
 
 @click.command()
 @click.argument("slide", type=click.Path(dir_okay=False, path_type=str))
-@model_options
-@tiling_options
+@config_options("model", "runtime", "tiling", "aggregation")
 @click.option("--out", type=click.Path(file_okay=False), default="jwth-results", show_default=True,
               help="Output folder (created).")
 @click.option("--json", "print_json", is_flag=True, help="Print the slide summary JSON to stdout.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights/heads.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
-def score(slide, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
-          num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, out, print_json, seed,
-          progress):
+def score(slide, out, print_json, progress, **settings):
     """Score SLIDE: tissue detection, tiling, backbone, head; writes SLIDE.tiles.parquet and
     SLIDE.summary.json into --out."""
-    from ..score import score_slide
+    from ..scoring import score_slide
 
+    config = run_config(settings, out=out)
     show = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar(slide) if show else None
     try:
-        result = score_slide(
-            slide, model=model, weights=weights, head=head, pooling=pooling, out=out, device=device,
-            backend=backend, precision=precision, batch_size=batch_size, mpp=mpp, tile_size=tile_size,
-            target_mpp=target_mpp, min_tissue=min_tissue, top_k=top_k, num_workers=num_workers,
-            reader=reader, seed=seed, compile=False if no_compile else None,
-            progress=bar.update if bar else None,
-        )
+        result = score_slide(slide, config=config, progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import click
 
-from .options import model_options, tiling_options
+from .options import config_options, run_config
 
 
 def _parse_gpus(value: str | None) -> list[int] | None:
@@ -42,9 +41,7 @@ def _parse_gpus(value: str | None) -> list[int] | None:
 @click.argument("source", type=click.Path(exists=True, path_type=str))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Screening folder: ledger, slides/<slide_id>/ outputs, summary.csv/.parquet.")
-@model_options
-@tiling_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random weights/heads.")
+@config_options("model", "runtime", "tiling", "aggregation")
 @click.option("--gpus", default=None, metavar="all|N|0,1,..",
               help="One worker process per GPU (default: one worker on --device).")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
@@ -65,9 +62,8 @@ def _parse_gpus(value: str | None) -> list[int] | None:
 @click.option("--ray-cpus-per-job", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
               help="CPUs each Ray actor reserves (and torch threads it uses, on CPU).")
 @click.option("--progress/--no-progress", default=None, help="Live display on stderr (default: on a terminal).")
-def screen(source, out, model, weights, head, pooling, device, backend, precision, no_compile, batch_size,
-           num_workers, mpp, tile_size, target_mpp, min_tissue, top_k, reader, seed, gpus, jobs,
-           slide_timeout, ready_timeout, retry_failed, reconfigure, ray_address, ray_cpus_per_job, progress):
+def screen(source, out, gpus, jobs, slide_timeout, ready_timeout, retry_failed, reconfigure, ray_address,
+           ray_cpus_per_job, progress, **settings):
     """Score every slide of SOURCE (a folder, searched recursively, or a manifest CSV with a `path`
     column and optional `slide_id`, `mpp` and extra columns) into --out.
 
@@ -75,19 +71,13 @@ def screen(source, out, model, weights, head, pooling, device, backend, precisio
     fail (a bad file, a crash of the reader, --slide-timeout) are recorded and the run goes on.
     Exit code 0: every slide done; 1: some failed (see summary.csv or screen-status); 2: bad
     input or configuration; 130: interrupted."""
-    from ..screen.config import ScreenOptions, absolute
+    from ..screen.config import with_absolute_paths
     from ..screen.run import run_screen
 
-    options = ScreenOptions(
-        model=absolute(model) if model and model.endswith(".json") and os.path.isfile(model) else model,
-        weights=absolute(weights), head=absolute(head), pooling=pooling, device=device, backend=backend,
-        precision=precision, batch_size=batch_size, mpp=mpp, tile_size=tile_size, target_mpp=target_mpp,
-        min_tissue=min_tissue, top_k=top_k, num_workers=num_workers, reader=reader, seed=seed,
-        compile=False if no_compile else None,
-    )
+    config = with_absolute_paths(run_config(settings))
     try:
         report = run_screen(
-            source, out, options, gpus=_parse_gpus(gpus), jobs=jobs, slide_timeout_s=slide_timeout,
+            source, out, config, gpus=_parse_gpus(gpus), jobs=jobs, slide_timeout_s=slide_timeout,
             ready_timeout_s=ready_timeout, retry_failed=retry_failed, reconfigure=reconfigure, ray_address=ray_address,
             ray_cpus_per_job=ray_cpus_per_job, progress=progress, argv=sys.argv,
         )

@@ -4,10 +4,11 @@
 fused kernels in `csrc/` (the default path); `io.py` reads and writes head files.
 """
 
-from .io import HeadMeta, LoadedHead, check_head_matches_backbone, load_head, random_head, save_head
+from .io import (HeadMeta, LoadedHead, check_head_matches_backbone, load_head, random_head, read_head_meta,
+                 save_head)
 from .reference import HeadOutput, JwthPoolingHead, LinearProbeHead, build_head
 
 __all__ = [
     "HeadMeta", "HeadOutput", "JwthPoolingHead", "LinearProbeHead", "LoadedHead", "build_head",
-    "check_head_matches_backbone", "load_head", "random_head", "save_head",
+    "check_head_matches_backbone", "load_head", "random_head", "read_head_meta", "save_head",
 ]

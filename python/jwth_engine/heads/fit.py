@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError, JwthError
+from ..config import TrainingConfig
+from ..errors import FitError
 from .reference import build_head
 
 
@@ -40,12 +41,12 @@ def read_labels_csv(csv_path: str | os.PathLike, *, root: str | os.PathLike | No
         with open(csv_path, newline="") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as exc:
-        raise JwthError(f"{csv_path}: cannot read labels file ({exc.strerror})") from exc
+        raise FitError(f"{csv_path}: cannot read labels file ({exc.strerror})") from exc
     if not rows or not {"path", "label"} <= set(rows[0]):
-        raise JwthError(f"{csv_path}: labels CSV needs 'path' and 'label' columns")
+        raise FitError(f"{csv_path}: labels CSV needs 'path' and 'label' columns")
     for column, _ in where:
         if column not in rows[0]:
-            raise JwthError(f"{csv_path}: --where column {column!r} is not in the CSV")
+            raise FitError(f"{csv_path}: where column {column!r} is not in the CSV", field="where")
     paths, labels = [], []
     for row in rows:
         if any(row.get(c) != v for c, v in where) or not row["label"].strip():
@@ -53,38 +54,42 @@ def read_labels_csv(csv_path: str | os.PathLike, *, root: str | os.PathLike | No
         path = Path(row["path"])
         path = path if path.is_absolute() else base / path
         if not path.is_file():
-            raise JwthError(f"{path}: tile image listed in {csv_path.name} not found")
+            raise FitError(f"{path}: tile image listed in {csv_path.name} not found")
         paths.append(path)
         labels.append(row["label"].strip())
     classes = sorted(set(labels))
     if len(classes) < 2:
-        raise JwthError(f"{csv_path}: need at least two classes to train a head, found {classes}")
+        raise FitError(f"{csv_path}: need at least two classes to train a head, found {classes}")
     return LabelledTiles(paths, labels, classes)
 
 
-def load_tile_images(paths: Sequence[Path], size: int) -> np.ndarray:
-    """RGB uint8 [N, size, size, 3]; tiles of another size are resized (antialiased) to `size`."""
+def load_tile_images(paths: Sequence[Path]) -> list[np.ndarray]:
+    """RGB uint8 [h, w, 3] per tile, at the size it was saved: resizing to the model's input is
+    `preprocess`'s job, the same antialiased kernel scoring uses (no train/score skew)."""
     from PIL import Image
 
-    out = np.empty((len(paths), size, size, 3), np.uint8)
-    for i, path in enumerate(paths):
+    out = []
+    for path in paths:
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
-                if img.size != (size, size):
-                    img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-                out[i] = np.asarray(img)
+                out.append(np.asarray(img.convert("RGB")))
         except OSError as exc:
-            raise JwthError(f"{path}: cannot read tile image ({exc})") from exc
+            raise FitError(f"{path}: cannot read tile image ({exc})") from exc
     return out
 
 
-def embed_tiles(tiles: np.ndarray, stage, batch_size: int = 32) -> torch.Tensor:
-    """Token tensors [N, T, D] (fp16 on CPU) for uint8 tiles, through a pipeline ModelStage."""
+def embed_tiles(tiles: Sequence[np.ndarray], stage, batch_size: int) -> torch.Tensor:
+    """Token tensors [N, T, D] (fp16 on CPU) for uint8 tiles, through a pipeline ModelStage
+    (preprocess, backbone); consecutive tiles of one size are batched together."""
     chunks = []
-    for start in range(0, len(tiles), batch_size):
-        images = stage.preprocess(tiles[start:start + batch_size])
+    start = 0
+    while start < len(tiles):
+        end = start + 1
+        while end < len(tiles) and end - start < batch_size and tiles[end].shape == tiles[start].shape:
+            end += 1
+        images = stage.preprocess(np.stack(tiles[start:end]))
         chunks.append(stage.embed(images).to("cpu", torch.float16))
+        start = end
     return torch.cat(chunks)
 
 
@@ -138,16 +143,15 @@ def _fold_standardisation(classifier: nn.Linear, mean: torch.Tensor, std: torch.
 
 
 def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_classes: int,
-               num_heads: int, num_prefix_tokens: int, epochs: int = 50, lr: float = 1e-3,
-               weight_decay: float = 1e-4, batch_size: int = 64, val_fraction: float = 0.2,
-               seed: int = 0, classes: Sequence[str] | None = None,
+               num_prefix_tokens: int, training: TrainingConfig, seed: int, weight_decay: float = 1e-4,
+               batch_size: int = 64, classes: Sequence[str] | None = None,
                log: Callable[[str], None] = lambda _: None,
                warn: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, dict]:
-    """Train for `epochs` and keep the last epoch. Validation tiles are only measured, never used to
-    pick an epoch, so the reported validation score is an unbiased estimate for that split (a
-    best-epoch choice on a few tiles would report the luckiest of `epochs` draws)."""
-    if epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    """Train on precomputed tokens [N, T, D] for `epochs` and keep the last epoch; returns the head
+    (eval mode) and its report. Validation tiles are only measured, never used to pick an epoch, so
+    the reported validation score is an unbiased estimate for that split (a best-epoch choice on a
+    few tiles would report the luckiest of `epochs` draws)."""
+    num_heads, epochs, lr, val_fraction = training.num_heads, training.epochs, training.lr, training.val_fraction
     classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
     torch.manual_seed(seed)
     dim = tokens.shape[-1]
@@ -157,8 +161,8 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
     unvalidated = [c for c, n in sizes.items() if n["val"] == 0]
     if val_fraction > 0:
         if not len(val_idx):
-            raise ConfigError(f"--val-fraction {val_fraction:g}: no class has two tiles, so there is nothing "
-                              f"to validate on; add tiles or pass --val-fraction 0 (training accuracy only)")
+            raise FitError(f"val_fraction {val_fraction:g}: no class has two tiles, so there is nothing to "
+                           f"validate on; add tiles or set it to 0 (training accuracy only)", field="val_fraction")
         if unvalidated:
             warn(f"classes with a single tile have no validation tiles and are missing from the validation "
                  f"score: {', '.join(unvalidated)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..outputs.atomic import atomic_path, sha256_file
 from .reference import build_head
 
 HEAD_FORMAT = "jwth-engine/head/v1"
@@ -79,37 +81,53 @@ def save_head(module: nn.Module, meta: HeadMeta, path: str | os.PathLike) -> str
     """Write the head atomically; returns the file's sha256."""
     from safetensors.torch import save_file
 
-    from ..outputs.atomic import atomic_path, sha256_file
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(asdict(meta))})
     return sha256_file(path)
 
 
-def load_head(path: str | os.PathLike) -> LoadedHead:
-    from safetensors import SafetensorError, safe_open
+_MAX_HEADER = 100_000_000
 
-    from ..outputs.atomic import sha256_file
 
+def read_head_meta(path: str | os.PathLike) -> HeadMeta:
+    """The metadata of a head file, read from the safetensors header alone (no tensors loaded):
+    the one reader of the head format, used to load a head and to resolve a configuration."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: head file not found")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            raw_meta = (fh.metadata() or {}).get(META_KEY)
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError) as exc:
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > _MAX_HEADER:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(fh.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, struct.error) as exc:
         raise ModelError(f"{path}: not a readable safetensors head file ({exc})") from exc
+    raw_meta = (header.get("__metadata__") or {}).get(META_KEY)
     if raw_meta is None:
         raise ModelError(f"{path}: safetensors file has no '{META_KEY}' metadata; not a jwth-engine head")
     try:
-        fields = json.loads(raw_meta)
-        meta = HeadMeta(**fields)
+        meta = HeadMeta(**json.loads(raw_meta))
     except (json.JSONDecodeError, TypeError) as exc:
         raise ModelError(f"{path}: head metadata is malformed ({exc})") from exc
     if meta.format != HEAD_FORMAT:
         raise ModelError(f"{path}: head format {meta.format!r} is not supported (expected {HEAD_FORMAT!r})")
+    return meta
+
+
+def load_head(path: str | os.PathLike) -> LoadedHead:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    meta = read_head_meta(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path}: not a readable safetensors head file ({exc})") from exc
     try:
         module = build_head(meta.pooling, meta.dim, len(meta.classes), max(meta.num_heads, 1),
                             meta.num_prefix_tokens)

@@ -23,7 +23,6 @@ diagnosed in one run instead of one key at a time.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -34,6 +33,7 @@ from typing import Callable, Mapping
 import torch
 
 from ..errors import ModelError
+from ..outputs.atomic import sha256_file
 
 log = logging.getLogger("jwth_engine.models")
 
@@ -44,16 +44,6 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _CONTAINER_KEYS = ("teacher", "model_ema", "model", "state_dict", "module", "model_state_dict", "student")
 _PREFIXES = ("module.", "_orig_mod.", "backbone.", "model.", "dinov2.", "encoder.")
 _MAX_LISTED = 8
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(chunk)
-            if not block:
-                return digest.hexdigest()
-            digest.update(block)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

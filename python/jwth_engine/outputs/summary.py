@@ -1,20 +1,21 @@
-"""Slide-level summary: aggregation of tile probabilities and the JSON record of a run."""
+"""Slide-level summary: aggregation of tile probabilities and the JSON record of a run, built here
+next to its schema."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-from importlib import metadata
+from datetime import datetime, timezone
 from typing import Sequence
 
 import numpy as np
 
+from ..config import RunConfig
 from .atomic import atomic_write_bytes
 
-SUMMARY_SCHEMA = "jwth-engine/slide-summary/v1"
-_VERSIONED = ("jwth-engine", "torch", "timm", "numpy", "pyarrow", "cucim-cu12", "cucim-cu13",
-              "openslide-python", "openslide-bin", "onnxruntime", "tensorrt")
+# v2: the run's configuration (`config`, RunConfig.to_dict()) is recorded; library versions come
+# from the one runtime probe (adds torch_cuda and cucim).
+SUMMARY_SCHEMA = "jwth-engine/slide-summary/v2"
 
 
 def aggregate_scores(probs: np.ndarray, classes: Sequence[str], top_k: int) -> dict:
@@ -34,20 +35,42 @@ def aggregate_scores(probs: np.ndarray, classes: Sequence[str], top_k: int) -> d
     }
 
 
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for dist in _VERSIONED:
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    try:
-        import openslide
-
-        versions["openslide-library"] = openslide.__library_version__
-    except ImportError:
-        pass
-    return versions
+def build_summary(*, name: str, slide_info: dict, slide_mpp: float, mpp_overridden: bool, classes: Sequence[str],
+                  scores: dict, grid, tissue_fraction: float, preset, backbone, head, head_kernel: str,
+                  backend: dict, device: str, pipeline: dict | None, notes: Sequence[str], versions: dict,
+                  config: RunConfig) -> dict:
+    """The slide summary (schema SUMMARY_SCHEMA) without its timings and outputs, which the caller
+    adds once the files are written. `scores` is `aggregate_scores`' result ({} without tiles)."""
+    classes = list(classes)
+    total = len(grid.coords)
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "status": "scored" if total else "no_tissue",
+        "slide": {**slide_info, "name": name, "mpp_used": slide_mpp, "mpp_overridden": mpp_overridden},
+        "classes": classes,
+        "scores": scores if total else "no tissue",
+        "prediction": max(classes, key=lambda c: scores[c]["mean"]) if total else None,
+        "tiles": {
+            "scored": total, "candidates": grid.num_candidates, "min_tissue": config.tiling.min_tissue,
+            "tile_size": grid.tile_size, "target_mpp": grid.target_mpp, "read_level": grid.level,
+            "read_size": grid.read_size, "size_level0": list(grid.size_level0),
+            "tissue_fraction_of_thumbnail": tissue_fraction,
+        },
+        "model": {"preset": preset.name, "timm_arch": preset.timm_arch,
+                  "weights_hash": backbone.weights_hash, "weights_source": backbone.weights_source,
+                  "random_init": backbone.random_init},
+        "head": {"pooling": head.meta.pooling, "num_heads": head.meta.num_heads,
+                 "sha256": head.sha256, "source": head.source, "random_init": head.meta.random_init,
+                 "kernel": head_kernel},
+        "backend": backend,
+        "settings": {"batch_size": config.runtime.batch_size, "num_workers": config.runtime.num_workers,
+                     "top_k": config.aggregation.top_k, "device": device, "reader": slide_info.get("reader")},
+        "config": config.to_dict(),
+        "pipeline": pipeline,
+        "notes": list(notes),
+        "versions": versions,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_summary_json(summary: dict, dest: str | os.PathLike) -> None:

@@ -1,109 +1,59 @@
-"""A screening run's configuration: the options handed to every `score_slide` call, split into the
-part that decides the scores (hashed, stored in the ledger, must not change within one folder) and
-the part that only decides speed (device, batch size, decode threads, reader)."""
+"""What must not change within one screening folder: the identity of a run's configuration.
+
+The configuration itself is the run's `RunConfig` (jwth_engine.config); its identity is the part
+that decides the scores (hashed, stored in the ledger), with the file-dependent defaults resolved
+by the config's own rule and files named by their content, so that spelling a default out, or
+moving a weights file, does not count as a different configuration. Speed settings (device, batch
+size, decode threads, reader) are not part of it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import struct
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, ModelError
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..heads import read_head_meta
+from ..models import get_preset
+from ..outputs.atomic import sha256_file
 
 # Keys of the identity; their order is the order `screen-status` prints them in.
 IDENTITY_KEYS = ("model", "model_file_sha256", "weights_sha256", "head_sha256", "pooling", "tile_size",
                  "target_mpp", "min_tissue", "top_k", "mpp_override", "backend", "precision", "seed")
 
 
-@dataclass
-class ScreenOptions:
-    """Everything `score_slide` takes except the slide, its name and its output folder."""
-
-    model: str | None = None
-    weights: str | None = None
-    head: str | None = None
-    pooling: str | None = None
-    device: str = "auto"
-    backend: str = "auto"
-    precision: str = "auto"
-    batch_size: int = 32
-    mpp: float | None = None
-    tile_size: int | None = None
-    target_mpp: float | None = None
-    min_tissue: float = 0.25
-    top_k: int = 16
-    num_workers: int = 2
-    reader: str = "auto"
-    seed: int = 0
-    compile: bool | None = None
-
-    def score_kwargs(self) -> dict:
-        return asdict(self)
-
-
-def _read_head_meta(path: Path) -> dict:
-    """The JSON metadata of a head `.safetensors` file, read from its header (no torch needed)."""
-    try:
-        with open(path, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            if size > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(fh.read(size))
-        return json.loads(header["__metadata__"]["jwth_head"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise ModelError(f"{path}: not a jwth-engine head file ({exc})") from exc
-
-
 def _sha256(path: str) -> str:
-    from ..outputs.atomic import sha256_file
-
     try:
         return sha256_file(path)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
-def _preset_defaults(name: str) -> tuple[int | None, float | None]:
-    """(input size, native mpp) of a backbone preset."""
-    from ..models import get_preset
-
-    preset = get_preset(name)
-    return int(preset.input_size), float(preset.native_mpp)
-
-
-def identity(options: ScreenOptions) -> dict:
-    """The options that decide a slide's scores, with defaults resolved the way `score_slide`
-    resolves them, so that spelling a default out does not count as a different configuration."""
-    from ..scorer import DEFAULT_PRESET
-
-    head_meta = _read_head_meta(Path(options.head)) if options.head else None
-    model = options.model or (head_meta["backbone_preset"] if head_meta else DEFAULT_PRESET)
-    model_file = Path(model)
-    model_is_file = model.endswith(".json") and model_file.is_file()
-    tile_size = options.tile_size or (head_meta["tile_size"] if head_meta else None)
-    target_mpp = options.target_mpp or (head_meta["target_mpp"] if head_meta else None)
-    if tile_size is None or target_mpp is None:
-        preset_size, preset_mpp = _preset_defaults(model)
-        tile_size = tile_size or preset_size
-        target_mpp = target_mpp or preset_mpp
+def identity(config: RunConfig) -> dict:
+    """The settings that decide a slide's scores, with defaults resolved as scoring resolves them."""
+    m = config.model
+    head_meta = read_head_meta(m.head) if m.head else None
+    model = config.model_name(head_meta)
+    model_is_file = model.endswith(".json") and Path(model).is_file()
+    resolved = config.resolve(head_meta, get_preset(model))
     return {
-        "model": model_file.stem if model_is_file else model,
+        "model": Path(model).stem if model_is_file else model,
         "model_file_sha256": _sha256(model) if model_is_file else None,
-        "weights_sha256": _sha256(options.weights) if options.weights else None,
-        "head_sha256": _sha256(options.head) if options.head else None,
-        "pooling": head_meta["pooling"] if head_meta else (options.pooling or "jwth"),
-        "tile_size": int(tile_size),
-        "target_mpp": float(target_mpp),
-        "min_tissue": float(options.min_tissue),
-        "top_k": int(options.top_k),
-        "mpp_override": options.mpp,
-        "backend": options.backend,
-        "precision": options.precision,
+        "weights_sha256": _sha256(m.weights) if m.weights else None,
+        "head_sha256": _sha256(m.head) if m.head else None,
+        "pooling": resolved.pooling,
+        "tile_size": resolved.tile_size,
+        "target_mpp": resolved.target_mpp,
+        "min_tissue": config.tiling.min_tissue,
+        "top_k": config.aggregation.top_k,
+        "mpp_override": config.tiling.mpp,
+        "backend": config.runtime.backend,
+        "precision": config.runtime.precision,
         # Only random weights or a random head depend on the seed.
-        "seed": options.seed if not (options.weights and options.head) else None,
+        "seed": m.seed if not (m.weights and m.head) else None,
     }
 
 
@@ -123,5 +73,11 @@ def describe_difference(old: dict, new: dict) -> str:
     return "; ".join(parts) or "same"
 
 
-def absolute(path: str | None) -> str | None:
-    return os.path.abspath(path) if path else None
+def with_absolute_paths(config: RunConfig) -> RunConfig:
+    """Workers (and Ray actors on other nodes) may run elsewhere: files named absolutely."""
+    m = config.model
+    model = m.model
+    if model and model.endswith(".json") and os.path.isfile(model):
+        model = os.path.abspath(model)
+    return config.with_values(model=model, weights=m.weights and os.path.abspath(m.weights),
+                              head=m.head and os.path.abspath(m.head))

@@ -75,15 +75,25 @@ CREATE INDEX IF NOT EXISTS slides_status ON slides (status);
 """
 
 
-def ledger_full(exc: BaseException) -> bool:
-    """SQLite's "database or disk is full" (SQLITE_FULL), or the write error it gets from a full
-    file system while appending to its write-ahead log."""
+def ledger_full(exc: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """SQLite's "database or disk is full" (SQLITE_FULL); or, with the ledger's `folder`, the I/O
+    error SQLite reports when it cannot even grow its shared-memory file on a full file system."""
     if not isinstance(exc, sqlite3.Error):
         return False
     code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF == sqlite3.SQLITE_FULL:
+    if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "database or disk is full" in str(exc):
         return True
-    return "database or disk is full" in str(exc)
+    if folder is not None and ((code is not None and code & 0xFF == sqlite3.SQLITE_IOERR)
+                               or "disk I/O error" in str(exc)):
+        try:
+            stat = os.statvfs(folder)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < _FULL_BELOW_BYTES
+    return False
+
+
+_FULL_BELOW_BYTES = 256 * 1024   # less than this free: an I/O error is taken for a full disk
 
 
 @dataclass
@@ -141,7 +151,7 @@ class Ledger:
             self._check_schema()
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            if ledger_full(exc):
+            if ledger_full(exc, self.path.parent):
                 raise DiskFull(f"{self.path}: cannot write the screening ledger: the disk is full ({exc}); "
                                f"free space and run again") from exc
             raise ConfigError(f"{self.path}: not a usable screening ledger ({exc})") from exc
@@ -204,10 +214,17 @@ class Ledger:
         value = self.meta("config")
         return self.meta("config_hash"), (json.loads(value) if value else None)
 
-    def set_config(self, config_hash: str, identity: dict) -> None:
+    def run_config(self) -> dict | None:
+        """The latest run's full configuration (RunConfig.to_dict()), as it was given."""
+        value = self.meta("run_config")
+        return json.loads(value) if value else None
+
+    def set_config(self, config_hash: str, identity: dict, run_config: dict | None = None) -> None:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO meta VALUES ('config_hash', ?)", (config_hash,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('config', ?)", (json.dumps(identity, sort_keys=True),))
+            if run_config is not None:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('run_config', ?)", (json.dumps(run_config),))
 
     # --- runs -----------------------------------------------------------------------------------
     def begin_run(self, config_hash: str, runner: str, workers: int, argv: Iterable[str] = ()) -> int:

@@ -21,7 +21,7 @@ ERROR, EXCEPTION, DISK_FULL = "error", "exception", "disk_full"
 @dataclass(frozen=True)
 class Hello:
     name: str
-    options: dict          # keyword arguments of SlideScorer (ScreenOptions.score_kwargs())
+    options: dict          # the run's RunConfig.to_dict()
     job: str               # "module:attr" of the job the worker runs
 
 

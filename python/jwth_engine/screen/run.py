@@ -17,9 +17,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import RunConfig
 from ..errors import ConfigError, DiskFull, JwthError
 from ..outputs.atomic import is_disk_full
-from .config import ScreenOptions, config_hash, describe_difference, identity
+from .config import config_hash, describe_difference, identity
 from .layout import ScreenLayout
 from .ledger import Ledger, ledger_full
 from .progress import ScreenDisplay
@@ -44,8 +45,8 @@ class _OutputFull(Exception):
         self.cause = cause
 
 
-def _full(exc: BaseException) -> bool:
-    return isinstance(exc, DiskFull) or is_disk_full(exc) or ledger_full(exc)
+def _full(exc: BaseException, folder: Path | None = None) -> bool:
+    return isinstance(exc, DiskFull) or is_disk_full(exc) or ledger_full(exc, folder)
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _raise_stop(signum, frame):
 def run_screen(
     source: str | os.PathLike,
     out: str | os.PathLike,
-    options: ScreenOptions,
+    config: RunConfig,
     *,
     gpus: list[int] | None = None,
     jobs: int | None = None,
@@ -166,10 +167,10 @@ def run_screen(
     if gpus and ray_address:
         raise ConfigError("--gpus is for local runs; on Ray each GPU of the cluster gets a worker "
                           "(--device cpu for CPU workers)")
-    if gpus and options.device == "cpu":
-        raise ConfigError("--gpus and --device cpu contradict each other")
+    if gpus and config.runtime.device == "cpu":
+        raise ConfigError("gpus and device cpu contradict each other", field="gpus")
     sources = load_sources(source)
-    ident = identity(options)
+    ident = identity(config)
     current_hash = config_hash(ident)
 
     layout = ScreenLayout(out)
@@ -181,13 +182,13 @@ def run_screen(
         layout.unlock()
         raise
     try:
-        return _run_locked(layout, ledger, sources, options, ident, current_hash, t0, gpus=gpus, jobs=jobs,
+        return _run_locked(layout, ledger, sources, config, ident, current_hash, t0, gpus=gpus, jobs=jobs,
                            slide_timeout_s=slide_timeout_s, ready_timeout_s=ready_timeout_s,
                            retry_failed=retry_failed, reconfigure=reconfigure, ray_address=ray_address,
                            ray_cpus_per_job=ray_cpus_per_job, progress=progress,
                            results_interval_s=results_interval_s, argv=argv, pool_factory=pool_factory)
     except Exception as exc:
-        if _full(exc) and not isinstance(exc, DiskFull):
+        if _full(exc, layout.root) and not isinstance(exc, DiskFull):
             raise DiskFull(_full_message(layout.root, exc)) from exc
         raise
     finally:
@@ -200,13 +201,13 @@ def _full_message(root: Path, cause: BaseException | str) -> str:
             f"and the ledger is consistent; free space and run the same command again to resume")
 
 
-def _run_locked(layout, ledger, sources, options, ident, current_hash, t0, *, gpus, jobs, slide_timeout_s,
+def _run_locked(layout, ledger, sources, config, ident, current_hash, t0, *, gpus, jobs, slide_timeout_s,
                 ready_timeout_s, retry_failed, reconfigure, ray_address, ray_cpus_per_job, progress,
                 results_interval_s, argv, pool_factory) -> ScreenReport:
     check_config(ledger, layout.root, ident, current_hash, reconfigure)
     for note in recover(ledger, layout):
         log.info("%s", note)
-    ledger.set_config(current_hash, ident)
+    ledger.set_config(current_hash, ident, config.to_dict())
     for slide_id, note in ledger.sync_sources(sources).items():
         layout.retire(slide_id)
         log.info("%s: %s", slide_id, note)
@@ -224,7 +225,7 @@ def _run_locked(layout, ledger, sources, options, ident, current_hash, t0, *, gp
         return report
     display = ScreenDisplay(len(todo), skipped, live=progress)
     pool_kwargs = {"ready_timeout_s": ready_timeout_s} if ready_timeout_s is not None else {}
-    pool = pool_factory(options.score_kwargs(), timeout_s=slide_timeout_s, log_dir=layout.logs, **pool_kwargs)
+    pool = pool_factory(config.to_dict(), timeout_s=slide_timeout_s, log_dir=layout.logs, **pool_kwargs)
     report.run_id = ledger.begin_run(current_hash, runner, getattr(pool, "size", 0), argv or sys.argv)
     driver = _Driver(ledger, layout, pool, display, results, report)
     old_term = signal.signal(signal.SIGTERM, _raise_stop)
@@ -239,7 +240,7 @@ def _run_locked(layout, ledger, sources, options, ident, current_hash, t0, *, gp
     except (KeyboardInterrupt, _Stop):
         report.interrupted = True
     except Exception as exc:
-        if not (isinstance(exc, _OutputFull) or _full(exc)):
+        if not (isinstance(exc, _OutputFull) or _full(exc, layout.root)):
             raise
         state = "disk_full"
         cause = exc.cause if isinstance(exc, _OutputFull) else str(exc)
@@ -261,13 +262,13 @@ def _default_pool_factory(*, gpus, jobs, ray_address, ray_cpus_per_job):
 
         def make_ray(options, *, timeout_s, log_dir, **kwargs):
             return RayPool(ray_address, options, timeout_s=timeout_s, log_dir=log_dir, **kwargs,
-                           use_gpus=options["device"] != "cpu", jobs=jobs, cpus_per_job=ray_cpus_per_job)
+                           use_gpus=options["runtime"]["device"] != "cpu", jobs=jobs, cpus_per_job=ray_cpus_per_job)
         return make_ray
 
     from .local import LocalPool, cpu_specs, gpu_specs
 
     def make_local(options, *, timeout_s, log_dir, **kwargs):
-        specs = gpu_specs(gpus) if gpus else cpu_specs(jobs or 1, hide_gpus=options["device"] == "cpu")
+        specs = gpu_specs(gpus) if gpus else cpu_specs(jobs or 1, hide_gpus=options["runtime"]["device"] == "cpu")
         return LocalPool(specs, options, timeout_s=timeout_s, log_dir=log_dir, **kwargs)
     return make_local
 
@@ -393,7 +394,7 @@ class _Driver:
             try:
                 write()
             except Exception as exc:
-                if state != "disk_full" or not _full(exc):
+                if state != "disk_full" or not _full(exc, self.layout.root):
                     raise
 
 

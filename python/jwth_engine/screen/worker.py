@@ -46,9 +46,10 @@ class ScoreJob:
     def __init__(self, options: dict):
         import torch
 
-        from ..scorer import SlideScorer
+        from ..config import RunConfig
+        from ..scoring import SlideScorer
 
-        self.scorer = SlideScorer(**options)
+        self.scorer = SlideScorer(RunConfig.from_dict(options))
         self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "device": str(self.scorer.device), "load_s": round(self.scorer.model.load_seconds, 2)}
 
@@ -59,7 +60,7 @@ class ScoreJob:
         prepared.close()
 
     def run(self, task: Task, prepared, progress) -> Outcome:
-        from ..outputs.atomic import sha256_file
+        from ..outputs import sha256_file
 
         staging = Path(task.staging)
         staging.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ unless the environment sets it; the JSON records the setting.
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import statistics
 import threading
@@ -36,82 +35,20 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .locality import GridReader
-from .prefetch import TilePrefetcher
-from .sequential import run_sequential
-from .stages import ModelStage, synchronize
-from .streaming import PipelineStats, run_streaming
+from ..config import RunConfig
+from ..errors import BackendUnavailable, ConfigError
+from ..pipeline import GridReader, ModelStage, PipelineStats, TilePrefetcher, run_sequential, run_streaming
+from ..pipeline.stages import synchronize
+from ..runtime import library_versions, machine
+from ..scoring import load_scoring_model, open_for_scoring
+from ..slide.openslide_reader import import_openslide
+from ..tiling import plan_tiles
+from ..tissue import detect_tissue
 
 BENCH_SCHEMA = "jwth-engine/bench/v1"
 
 
-# --- machine and memory ---------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-_CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-
-
-def cpu_features() -> list[str]:
-    """The instruction-set extensions that decide CPU backbone speed (bf16 dot products, AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [f for f in _CPU_FEATURES if f in flags]
-    except OSError:
-        pass
-    return []
-
-
-def machine_info() -> dict:
-    info = {
-        "cpu": cpu_model(),
-        "cpu_features": cpu_features(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        import psutil
-
-        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    else:
-        info["gpus"] = []
-    return info
-
-
-def versions() -> dict:
-    from ..outputs import package_versions
-
-    out = package_versions()
-    out["torch_cuda"] = torch.version.cuda
-    try:
-        import cucim
-
-        out["cucim"] = getattr(cucim, "__version__", "installed")
-    except ImportError:
-        pass
-    except OSError as exc:  # wheel present, native library missing
-        out["cucim"] = f"cannot load ({exc})"
-    return out
-
+# --- memory ----------------------------------------------------------------------------------------
 
 class PeakMemory:
     """Peak resident set size of this process while the block runs (sampled every 10 ms, and the
@@ -192,9 +129,6 @@ def time_decode(slide, grid, *, batch_size: int, num_workers: int, prefetch: int
 
 def openslide_level(path: str, downsample: float):
     """(OpenSlide handle factory, level) whose downsample matches, or (None, why not)."""
-    from ..slide.openslide_reader import import_openslide
-    from ..errors import BackendUnavailable
-
     try:
         openslide = import_openslide()
     except BackendUnavailable as exc:
@@ -249,39 +183,27 @@ def time_backbone_pass(stage: ModelStage, images: torch.Tensor, sizes: list[int]
 
 # --- the whole benchmark --------------------------------------------------------------------------
 
-def bench_slide(path: str, *, model: str | None = None, weights: str | None = None, head: str | None = None,
-                pooling: str | None = None, backend: str = "auto", device: str = "auto",
-                precision: str = "auto", batch_size: int = 32, num_workers: int = 2, prefetch: int = 2,
-                reader: str = "auto", mpp: float | None = None, tile_size: int | None = None,
-                target_mpp: float | None = None, min_tissue: float = 0.25,
-                repeats: int = 3, locality: str = "auto", compile: bool | None = None, seed: int = 0,
+def bench_slide(path: str, config: RunConfig, *, prefetch: int = 2, repeats: int = 3, locality: str = "auto",
                 baseline: bool = True, sequential: bool = True, nice: int = 0,
                 log: Callable[[str], None] = print) -> dict:
-    """Run every measurement on one slide; returns the JSON-ready result (schema BENCH_SCHEMA)."""
-    from ..errors import ConfigError
-    from ..scorer import load_scoring_model
-    from ..slide import open_slide, resolve_mpp
-    from ..tiling import plan_tiles
-    from ..tissue import detect_tissue
-
+    """Run every measurement on one slide; returns the JSON-ready result (schema BENCH_SCHEMA).
+    `config` is the scoring configuration (its aggregation group has no effect here)."""
     if repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+        raise ConfigError(f"repeats must be >= 1, got {repeats}", field="repeats")
     path = os.fspath(path)
+    batch_size, num_workers = config.runtime.batch_size, config.runtime.num_workers
+    min_tissue = config.tiling.min_tissue
     result: dict = {"schema": BENCH_SCHEMA, "slide": path,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "machine": machine_info(), "versions": versions()}
+                    "machine": machine(), "versions": library_versions("cucim")}
     mem = PeakMemory()
     with mem:
         t0 = time.perf_counter()
-        slide = open_slide(path, reader=reader)
+        slide, slide_mpp = open_for_scoring(path, config)
         try:
-            slide_mpp = resolve_mpp(slide.info, mpp)
             t_open = time.perf_counter() - t0
-            log(f"loading {model or 'default'} model")
-            loaded = load_scoring_model(model=model, weights=weights, head=head, pooling=pooling, backend=backend,
-                                        device=device, precision=precision, batch_size=batch_size,
-                                        compile=compile, seed=seed, tile_size=tile_size, target_mpp=target_mpp,
-                                        announce=log)
+            log(f"loading {config.model.model or 'default'} model")
+            loaded = load_scoring_model(config, announce=log)
             stage = loaded.stage()
             dev = stage.backend.device
             t = time.perf_counter()
@@ -293,7 +215,8 @@ def bench_slide(path: str, *, model: str | None = None, weights: str | None = No
             t_plan = time.perf_counter() - t
             n = len(grid.coords)
             if n == 0:
-                raise ConfigError(f"{path}: no tile reaches --min-tissue {min_tissue}; nothing to benchmark")
+                raise ConfigError(f"{path}: no tile reaches min_tissue {min_tissue}; nothing to benchmark",
+                                  field="min_tissue")
             sizes = [min(batch_size, n - i) for i in range(0, n, batch_size)]
             result["config"] = {
                 "model": loaded.preset.name, "backend": stage.backend.describe(), "device": str(dev),
@@ -511,4 +434,4 @@ def format_table(result: dict) -> list[str]:
     return lines
 
 
-__all__ = ["BENCH_SCHEMA", "PeakMemory", "bench_slide", "format_table", "machine_info", "versions"]
+__all__ = ["BENCH_SCHEMA", "PeakMemory", "bench_slide", "format_table"]
