@@ -56,17 +56,20 @@ def test_fit_head_then_score(pooling, cli_cmd, data_dir, cmu_small, tmp_path):
     proc = subprocess.run(
         [*cli_cmd, "fit-head", str(data_dir / "tiles/labels.csv"), "--root", str(data_dir),
          "--where", "label_type=tissue_class", "--model", "test_tiny_patch14_reg4", "--pooling", pooling,
-         "--num-heads", "4", "--epochs", "40", "--lr", "3e-3", "--val-fraction", "0", "--precision", "fp32",
+         "--num-heads", "4", "--epochs", "40", "--lr", "3e-3", "--val-fraction", "0.25", "--precision", "fp32",
          "-o", str(head_path), "--json"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["last_loss"] < 0.8 * report["first_loss"]
-    # 8 classes: chance is 0.125. Even a random tiny backbone separates these tiles' colour/texture.
-    assert report["best_metric"] > 0.4
+    # 8 classes: chance is 0.125. Even a random tiny backbone separates these tiles' colour/texture;
+    # the training score says the head learned, the held-out one that it did not only memorise
+    # (one or two validation tiles per class: a coarse but honest estimate, above chance).
+    assert report["train_balanced_accuracy"] > 0.6
+    assert report["val_balanced_accuracy"] > 0.125 and report["num_val"] >= 8
     head = load_head(head_path)
     assert head.meta.classes[0] == "ADI" and head.meta.pooling == pooling
-    assert head.meta.training["num_tiles"] == 33
+    assert head.meta.training["num_tiles"] == 33 and head.meta.training["num_train"] + report["num_val"] == 33
     proc = subprocess.run([*cli_cmd, "score", str(cmu_small), "--head", str(head_path), "--out",
                            str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -59,3 +59,13 @@ class ConfigError(JwthError):
 
 class FitError(JwthError):
     """Training a head cannot proceed: labels file, tile images or training settings."""
+
+
+class OutputError(JwthError):
+    """An output folder that cannot take what a run writes (disk full), or outputs on disk that do
+    not fit together (an interrupted or foreign write); the message names the folder or file."""
+
+
+class DiskFull(OutputError):
+    """The output folder's file system is full; nothing half-written is left, and a rerun after
+    space is freed resumes."""

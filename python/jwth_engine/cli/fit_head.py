@@ -35,13 +35,19 @@ def fit_head(labels_csv, out_path, root, where, print_json, **settings):
         conditions.append((column, value))
     training = TrainingConfig(**pop_settings(settings, TrainingConfig))
     report = fit(labels_csv, out_path, run_config(settings), training, root=root, where=conditions,
-                 log=lambda msg: click.echo(msg, err=True))
+                 log=lambda msg: click.echo(msg, err=True),
+                 warn=lambda msg: click.echo(f"warning: {msg}", err=True))
     report["plots"] = _write_training_plots(out_path, report)
     if print_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        click.echo(f"wrote {out_path}: {report['pooling']} head, {len(report['classes'])} classes, "
-                   f"{report['selection_metric']} {report['best_metric']:.3f} (epoch {report['best_epoch'] + 1})")
+        val = report["val_balanced_accuracy"]
+        split = ", ".join(f"{c} {n['train']}/{n['val']}" for c, n in report["split"].items())
+        click.echo(f"wrote {out_path}: {report['pooling']} head, {len(report['classes'])} classes; "
+                   f"tiles train/val: {split}")
+        click.echo(f"epoch {report['selected_epoch'] + 1} (last): balanced accuracy train "
+                   f"{report['train_balanced_accuracy']:.3f}, validation "
+                   + (f"{val:.3f} on {report['num_val']} tiles" if val is not None else "not measured (--val-fraction 0)"))
 
 
 
@@ -57,7 +63,7 @@ def _write_training_plots(out_path, report) -> list[str]:
     curves, matrix = Path(f"{stem}.curves.png"), Path(f"{stem}.confusion.png")
     classes = report["classes"]
     write_png(training_curves(report["history"], title=f"{report['pooling']} head, {len(classes)} classes: "
-                                                       f"kept epoch {report['best_epoch'] + 1}"), curves)
+                                                       f"kept epoch {report['selected_epoch'] + 1} (last)"), curves)
     write_png(confusion_matrix_plot(report["confusion"], classes,
                                     title=f"kept epoch, {report['confusion_split']} tiles"), matrix)
     return [curves.name, matrix.name]

@@ -49,6 +49,9 @@ def _parse_gpus(value: str | None) -> list[int] | None:
                    "when the cluster has no GPUs or --device cpu (default: one per node).")
 @click.option("--slide-timeout", type=click.FloatRange(min=1), default=3600, show_default=True,
               metavar="SECONDS", help="A slide still running after this long is failed and its worker replaced.")
+@click.option("--ready-timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
+              help="A worker not ready after this long (model load, engine build, compile) is killed and the "
+                   "slide it was given is failed.")
 @click.option("--retry-failed", is_flag=True, help="Score slides that failed in an earlier run again.")
 @click.option("--reconfigure", is_flag=True,
               help="Accept a model/head/tiling configuration different from the one DIR was screened "
@@ -61,8 +64,8 @@ def _parse_gpus(value: str | None) -> list[int] | None:
 @click.option("--progress/--no-progress", default=None, help="Live display on stderr (default: on a terminal).")
 @click.option("--report", "write_reports", is_flag=True,
               help="Write each slide's NAME.report.html (linked from DIR/index.html).")
-def screen(source, out, gpus, jobs, slide_timeout, retry_failed, reconfigure, ray_address, ray_cpus_per_job,
-           progress, write_reports, **settings):
+def screen(source, out, gpus, jobs, slide_timeout, ready_timeout, retry_failed, reconfigure, ray_address,
+           ray_cpus_per_job, progress, write_reports, **settings):
     """Score every slide of SOURCE (a folder, searched recursively, or a manifest CSV with a `path`
     column and optional `slide_id`, `mpp` and extra columns) into --out.
 
@@ -77,7 +80,7 @@ def screen(source, out, gpus, jobs, slide_timeout, retry_failed, reconfigure, ra
     try:
         report = run_screen(
             source, out, config, gpus=_parse_gpus(gpus), jobs=jobs, slide_timeout_s=slide_timeout,
-            retry_failed=retry_failed, reconfigure=reconfigure, ray_address=ray_address,
+            ready_timeout_s=ready_timeout, retry_failed=retry_failed, reconfigure=reconfigure, ray_address=ray_address,
             ray_cpus_per_job=ray_cpus_per_job, progress=progress, argv=sys.argv, report=write_reports,
         )
     except KeyboardInterrupt:

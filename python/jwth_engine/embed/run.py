@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..outputs.atomic import atomic_path, remove_stale_temps, sha256_file
 from ..outputs.features_h5 import FeaturesH5Writer, read_features_h5
 from ..scoring import ScoreResult, SlideScorer, check_out_dir, open_for_scoring
+from ..screen.protocol import Outcome, Task
 from .coords import coords_file_for, grid_from_coords, read_coords_file
 from ..pipeline.features import FeatureObserver, kind_dim, parse_kinds
 
@@ -199,22 +200,22 @@ class EmbedJob:
         self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "device": str(self.scorer.device), "load_s": round(self.scorer.model.load_seconds, 2)}
 
-    def prepare(self, task: dict):
-        plan = coords_plan(self.coords, task["slide_id"], self.scorer.model.tile_size)
-        return self.scorer.prepare(task["path"], task.get("mpp"), plan=plan)
+    def prepare(self, task: Task):
+        plan = coords_plan(self.coords, task.slide_id, self.scorer.model.tile_size)
+        return self.scorer.prepare(task.path, task.mpp, plan=plan)
 
     def discard(self, prepared) -> None:
         prepared.close()
 
-    def run(self, task: dict, prepared, progress) -> dict:
-        staging = Path(task["staging"])
+    def run(self, task: Task, prepared, progress) -> Outcome:
+        staging = Path(task.staging)
         staging.mkdir(parents=True, exist_ok=True)
-        source = str(coords_file_for(self.coords, task["slide_id"])) if self.coords else None
-        result = embed_prepared(self.scorer, prepared, out=self.out, name=task["slide_id"], kinds=self.kinds,
+        source = str(coords_file_for(self.coords, task.slide_id)) if self.coords else None
+        result = embed_prepared(self.scorer, prepared, out=self.out, name=task.slide_id, kinds=self.kinds,
                                 parquet=self.parquet, score_out=staging, coords_source=source, progress=progress)
         score = result.score
-        return {"summary": score.summary, "tiles_sha256": sha256_file(score.tiles_path),
-                "summary_sha256": sha256_file(score.summary_path)}
+        return Outcome(score.summary, tiles_sha256=sha256_file(score.tiles_path),
+                       summary_sha256=sha256_file(score.summary_path))
 
 
 def embed_slide(path: str | os.PathLike, *, out: str | os.PathLike, features="cls", coords: str | None = None,

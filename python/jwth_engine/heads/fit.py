@@ -1,9 +1,9 @@
 """Train a head (JWTH pooling or linear probe) on labelled tiles with a frozen backbone.
 
 The backbone runs once over every tile and its tokens are kept (fp16, on the CPU), so each epoch
-costs only the head. Class-balanced cross-entropy, AdamW, and the epoch with the best validation
-balanced accuracy is kept (the paper's metric); with too few tiles for a validation split the last
-epoch is kept and the training metric is reported as such.
+costs only the head. Class-balanced cross-entropy, AdamW, a fixed number of epochs and the last one kept; balanced
+accuracy (the paper's metric) is reported on the training and the held-out split, with the size of
+each class in both.
 """
 
 from __future__ import annotations
@@ -99,15 +99,25 @@ def balanced_accuracy(pred: np.ndarray, target: np.ndarray, num_classes: int) ->
 
 
 def _split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split; classes with a single example stay in training."""
+    """Stratified split: each class with at least two tiles gives round(n * val_fraction) of them,
+    at least one, to validation (flooring would leave every class of a small set with none);
+    a class with a single tile stays in training."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_val = int(math.floor(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        n_val = 0
+        if val_fraction > 0 and len(idx) > 1:
+            n_val = min(len(idx) - 1, max(1, int(round(len(idx) * val_fraction))))
         val += idx[:n_val].tolist()
         train += idx[n_val:].tolist()
-    return np.array(sorted(train)), np.array(sorted(val), dtype=np.int64)
+    return np.array(sorted(train), dtype=np.int64), np.array(sorted(val), dtype=np.int64)
+
+
+def split_sizes(labels: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, classes: Sequence[str]) -> dict:
+    """{class: {"train": n, "val": n}} for the report."""
+    return {name: {"train": int((labels[train_idx] == i).sum()), "val": int((labels[val_idx] == i).sum())}
+            for i, name in enumerate(classes)}
 
 
 def _standardised_class_tokens(tokens: torch.Tensor, train_idx: np.ndarray):
@@ -134,13 +144,28 @@ def _fold_standardisation(classifier: nn.Linear, mean: torch.Tensor, std: torch.
 
 def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_classes: int,
                num_prefix_tokens: int, training: TrainingConfig, seed: int, weight_decay: float = 1e-4,
-               batch_size: int = 64, log: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, dict]:
-    """Train on precomputed tokens [N, T, D]; returns the head (eval mode) and its report."""
+               batch_size: int = 64, classes: Sequence[str] | None = None,
+               log: Callable[[str], None] = lambda _: None,
+               warn: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, dict]:
+    """Train on precomputed tokens [N, T, D] for `epochs` and keep the last epoch; returns the head
+    (eval mode) and its report. Validation tiles are only measured, never used to pick an epoch, so
+    the reported validation score is an unbiased estimate for that split (a best-epoch choice on a
+    few tiles would report the luckiest of `epochs` draws)."""
     num_heads, epochs, lr, val_fraction = training.num_heads, training.epochs, training.lr, training.val_fraction
+    classes = list(classes) if classes is not None else [str(c) for c in range(num_classes)]
     torch.manual_seed(seed)
     dim = tokens.shape[-1]
     head = build_head(pooling, dim, num_classes, num_heads, num_prefix_tokens)
     train_idx, val_idx = _split(labels, val_fraction, seed)
+    sizes = split_sizes(labels, train_idx, val_idx, classes)
+    unvalidated = [c for c, n in sizes.items() if n["val"] == 0]
+    if val_fraction > 0:
+        if not len(val_idx):
+            raise FitError(f"val_fraction {val_fraction:g}: no class has two tiles, so there is nothing to "
+                           f"validate on; add tiles or set it to 0 (training accuracy only)", field="val_fraction")
+        if unvalidated:
+            warn(f"classes with a single tile have no validation tiles and are missing from the validation "
+                 f"score: {', '.join(unvalidated)}")
     if pooling == "linear-probe":
         tokens, cls_mean, cls_std = _standardised_class_tokens(tokens, train_idx)
     y = torch.as_tensor(labels, dtype=torch.long)
@@ -150,7 +175,6 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
     loss_fn = nn.CrossEntropyLoss(weight=weights)
     optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    best = {"epoch": -1, "metric": -1.0, "state": None}
     history = []
     for epoch in range(epochs):
         head.train()
@@ -162,22 +186,18 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         head.eval()
         with torch.no_grad():
             pred = head(tokens.float()).logits.argmax(-1).numpy()
         train_bacc = balanced_accuracy(pred[train_idx], labels[train_idx], num_classes)
         val_bacc = balanced_accuracy(pred[val_idx], labels[val_idx], num_classes) if len(val_idx) else None
         history.append({"epoch": epoch, "loss": total / len(order), "train_bacc": train_bacc, "val_bacc": val_bacc})
-        metric = val_bacc if val_bacc is not None else train_bacc
-        if len(val_idx) == 0 or metric > best["metric"]:
-            best = {"epoch": epoch, "metric": metric,
-                    "state": {k: v.detach().clone() for k, v in head.state_dict().items()}}
         log(f"epoch {epoch + 1}/{epochs} loss {history[-1]['loss']:.4f} train bacc {train_bacc:.3f}"
             + (f" val bacc {val_bacc:.3f}" if val_bacc is not None else ""))
-    head.load_state_dict(best["state"])
-    # The kept epoch's confusion matrix (rows: true class), on the split that chose it; computed
-    # before a linear probe's standardisation is folded in, on the tokens it was trained on.
+    # The kept (last) epoch's confusion matrix (rows: true class), on the validation split when
+    # there is one; computed before a linear probe's standardisation is folded in, on the tokens it
+    # was trained on.
     split = val_idx if len(val_idx) else train_idx
     with torch.no_grad():
         pred = head(tokens[split].float()).logits.argmax(-1).numpy()
@@ -185,11 +205,15 @@ def train_head(tokens: torch.Tensor, labels: np.ndarray, *, pooling: str, num_cl
     np.add.at(confusion, (labels[split], pred), 1)
     if pooling == "linear-probe":
         _fold_standardisation(head.classifier, cls_mean, cls_std)
+    final = history[-1]
     report = {
         "pooling": pooling, "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "seed": seed,
-        "num_train": int(len(train_idx)), "num_val": int(len(val_idx)), "best_epoch": best["epoch"],
-        "selection_metric": "val_balanced_accuracy" if len(val_idx) else "train_balanced_accuracy (no validation split)",
-        "best_metric": best["metric"], "first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+        "val_fraction": val_fraction, "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
+        "split": sizes, "classes_without_validation": unvalidated if len(val_idx) else list(classes),
+        "selected_epoch": final["epoch"], "selection": "last epoch (validation is not used to choose)",
+        "train_balanced_accuracy": final["train_bacc"], "val_balanced_accuracy": final["val_bacc"],
+        "val_tiles": val_idx.tolist(),
+        "first_loss": history[0]["loss"], "last_loss": final["loss"],
         "history": history, "confusion": confusion.tolist(),
         "confusion_split": "validation" if len(val_idx) else "training",
     }

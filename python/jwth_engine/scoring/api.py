@@ -1,9 +1,9 @@
 """`score_slide`: the Python API behind `jwth-engine score`.
 
 Cheap checks that depend only on the input (settings, file readable, MPP known, output folder
-usable) run before the model is loaded, so a bad slide fails in well under a second. Outputs are
-written only after every tile is scored, each atomically, Parquet first and the summary JSON last:
-a summary on disk means the run finished.
+usable, not yet created) run before the model is loaded, so a bad slide fails in well under a
+second and leaves nothing behind. Outputs are written only after every tile is scored, committed
+as one unit (outputs/slide_outputs.py): a summary on disk means the run finished.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def score_slide(path: str | os.PathLike, *, config: RunConfig | None = None, out
     if visuals is not None:
         check_visual_options(visuals)
     # `out` is where this call writes, not a setting of the run: it stays out of the recorded config.
-    out_dir = check_out_dir(config.output.out if out is None else out)
+    out_dir = check_out_dir(config.output.out if out is None else out, create=False)
     t_open = time.perf_counter()
     opened = open_for_scoring(path, config)
     t_open = time.perf_counter() - t_open

@@ -9,6 +9,7 @@ A screening worker prepares the next slide while the current one is in the backb
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ import numpy as np
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..outputs import (aggregate_scores, build_summary, remove_stale_temps, sha256_file, tiles_table,
-                       write_summary_json, write_tiles_parquet)
+from ..outputs import (SlideOutputWriter, aggregate_scores, build_summary, recover_slide_outputs,
+                       remove_stale_temps, tiles_table)
 from ..pipeline import PipelineStats, TilePrefetcher, run_streaming
 from ..runtime import library_versions
 from ..slide import open_slide, resolve_mpp
@@ -29,6 +30,8 @@ from ..tiling import plan_tiles
 from ..tissue import detect_tissue
 from .model import ScoringModel, load_scoring_model
 from .visuals import VisualOptions, VisualStep
+
+log = logging.getLogger("jwth_engine")
 
 
 @dataclass
@@ -44,14 +47,23 @@ def output_paths(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
     return out / f"{name}.tiles.parquet", out / f"{name}.summary.json"
 
 
-def check_out_dir(out: str | os.PathLike | None) -> Path | None:
-    """The output folder, created: the one check of it, made before anything is loaded (`out` None:
-    nothing is written)."""
+def check_out_dir(out: str | os.PathLike | None, *, create: bool = True) -> Path | None:
+    """The output folder, created; the one check of it (`out` None: nothing is written). With
+    create=False it is only checked: a slide that turns out to be unreadable must leave nothing
+    behind, not even the folder."""
     if out is None:
         return None
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: out exists and is not a folder", field="out")
+    if not create:
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is None or not existing.is_dir():
+            raise ConfigError(f"{out}: cannot create output folder ({existing} is not a folder)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{out}: output folder is not writable" if existing == out
+                              else f"{out}: cannot create output folder ({existing} is not writable)")
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -142,15 +154,13 @@ class SlideScorer:
                observers=(), need_attn: bool = False, need_pooled: bool = False,
                annotate: Callable[[object, dict], object] | None = None,
                visuals: VisualOptions | None = None) -> ScoreResult:
-        """Score the prepared slide; with `out`, write `<name>.tiles.parquet` then `<name>.summary.json`
-        there, each atomically (a summary on disk means the slide finished). `observers` see every
-        batch's tokens and head output (embeddings, attention maps; see pipeline/stages.py);
-        `annotate(table, summary) -> table` adds what they produced before anything is written.
-        `visuals` adds the heat map, GeoJSON, attention and report files (scoring/visuals.py)."""
+        """Score the prepared slide; with `out`, commit `<name>.tiles.parquet` and `<name>.summary.json`
+        there as one unit (outputs.SlideOutputWriter: a summary on disk means the slide finished).
+        `observers` see every batch's tokens and head output (embeddings, attention maps; see
+        pipeline/stages.py); `annotate(table, summary) -> table` adds what they produced before
+        anything is written. `visuals` adds the heat map, GeoJSON, attention and report files
+        (scoring/visuals.py)."""
         t_start = started or time.perf_counter()
-        # Checked by the caller at the edge (score_slide, a screening worker's staging folder);
-        # the atomic writers create it if it is missing.
-        out_dir = Path(out) if out is not None else None
         try:
             step = VisualStep(visuals, self.model) if visuals is not None and visuals.wanted else None
         except BaseException:
@@ -158,6 +168,13 @@ class SlideScorer:
             raise
         if step is not None:
             observers, need_attn = (*observers, *step.observers), need_attn or step.need_attn
+        out_dir = check_out_dir(out)
+        if out_dir is not None:
+            # A run of this slide killed while committing its outputs is finished first, so that a
+            # failure of this one leaves a consistent pair on disk (see outputs/slide_outputs.py).
+            note = recover_slide_outputs(out_dir, name)
+            if note:
+                log.info("%s", note)
         timings = {"open": prepared.timings.get("open", 0.0),
                    "model_load": 0.0 if self._load_charged else self.model.load_seconds,
                    "tissue": prepared.timings.get("tissue", 0.0), "plan": prepared.timings.get("plan", 0.0)}
@@ -220,9 +237,9 @@ class SlideScorer:
         if out_dir is not None:
             t = time.perf_counter()
             remove_stale_temps(out_dir)
-            tiles_path, summary_path = output_paths(out_dir, name)
-            write_tiles_parquet(table, tiles_path)
-            summary["outputs"] = {"tiles_parquet": tiles_path.name, "tiles_parquet_sha256": sha256_file(tiles_path)}
+            writer = SlideOutputWriter(out_dir, name)
+            tiles_path, summary_path = writer.tiles_path, writer.summary_path
+            summary["outputs"] = writer.write_tiles(table)
             timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         summary["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
@@ -231,5 +248,5 @@ class SlideScorer:
         if step is not None and out_dir is not None:
             summary["outputs"].update(step.write(out_dir, name, summary, prepared))
         if summary_path is not None:
-            write_summary_json(summary, summary_path)
+            writer.commit(summary)
         return ScoreResult(summary, table, summary_path, tiles_path)

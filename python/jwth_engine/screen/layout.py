@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..outputs.atomic import TMP_PREFIX, fsync_dir, remove_stale_temps, sha256_file
+from ..outputs.slide_outputs import verify_slide_outputs
 
 LEDGER_NAME = "ledger.sqlite"
 
@@ -94,7 +95,8 @@ class ScreenLayout:
                 return f"{name} has no recorded checksum"
             if sha256_file(path) != expected:
                 return f"{name} does not match its recorded checksum"
-        return None
+        # The pair must also agree with itself: the summary records its Parquet's checksum.
+        return verify_slide_outputs(folder, slide_id)
 
     def publish(self, staging: Path, slide_id: str) -> Path:
         """Move a complete staging folder to `slides/<slide_id>`, replacing older outputs."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DiskFull
 from .sources import SlideSource
 
 SCHEMA_VERSION = 1
@@ -73,6 +73,27 @@ CREATE TABLE IF NOT EXISTS slides (
 );
 CREATE INDEX IF NOT EXISTS slides_status ON slides (status);
 """
+
+
+def ledger_full(exc: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """SQLite's "database or disk is full" (SQLITE_FULL); or, with the ledger's `folder`, the I/O
+    error SQLite reports when it cannot even grow its shared-memory file on a full file system."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if (code is not None and code & 0xFF == sqlite3.SQLITE_FULL) or "database or disk is full" in str(exc):
+        return True
+    if folder is not None and ((code is not None and code & 0xFF == sqlite3.SQLITE_IOERR)
+                               or "disk I/O error" in str(exc)):
+        try:
+            stat = os.statvfs(folder)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < _FULL_BELOW_BYTES
+    return False
+
+
+_FULL_BELOW_BYTES = 256 * 1024   # less than this free: an I/O error is taken for a full disk
 
 
 @dataclass
@@ -130,6 +151,9 @@ class Ledger:
             self._check_schema()
         except sqlite3.DatabaseError as exc:
             self._db.close()
+            if ledger_full(exc, self.path.parent):
+                raise DiskFull(f"{self.path}: cannot write the screening ledger: the disk is full ({exc}); "
+                               f"free space and run again") from exc
             raise ConfigError(f"{self.path}: not a usable screening ledger ({exc})") from exc
 
     # --- plumbing -------------------------------------------------------------------------------
@@ -151,7 +175,20 @@ class Ledger:
             return self.db
 
         def __exit__(self, exc_type, exc, tb) -> None:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return
+                except sqlite3.Error:
+                    self._rollback()
+                    raise
+            self._rollback()
+
+        def _rollback(self) -> None:
+            # SQLite may already have rolled back by itself (a full disk does that); a second
+            # ROLLBACK would then replace the real error with "no transaction is active".
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
 
     def _tx(self) -> "_Tx":
         return Ledger._Tx(self._db)

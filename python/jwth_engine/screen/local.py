@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 
 from .process import WorkerProcess
+from .protocol import (EXCEPTION, Done, Failed, FromWorker, InitFailed, Prefetching, Progress, Ready, Started,
+                       Stop, Task)
 from .worker import DEFAULT_JOB
 
 MAX_START_FAILURES = 3
+DEFAULT_READY_TIMEOUT_S = 1800.0   # loading a large model, building a TensorRT engine, compiling
 
 
 @dataclass
 class Event:
+    """What happened in the pool, for the driver (in-process; a Ray actor sends its fields)."""
+
     kind: str            # ready | start | progress | done | failed | requeue | fatal
     slide_id: str | None
     worker: str
@@ -54,6 +59,7 @@ def gpu_specs(gpus: list[int]) -> list[WorkerSpec]:
 
 class LocalPool:
     def __init__(self, specs: list[WorkerSpec], options: dict, *, timeout_s: float,
+                 ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
                  log_dir: str | os.PathLike | None = None, depth: int = 2, job: str = DEFAULT_JOB,
                  name_prefix: str = ""):
         if not specs:
@@ -62,6 +68,7 @@ class LocalPool:
         self.size = len(specs)
         self.options = options
         self.timeout_s = timeout_s
+        self.ready_timeout_s = ready_timeout_s
         self.log_dir = Path(log_dir) if log_dir else None
         self.depth = depth
         self.job = job
@@ -83,7 +90,7 @@ class LocalPool:
             return sum(1 for w in self.workers.values() if w.accepting and not w.tasks)
         return sum(self.depth - len(w.tasks) for w in self.workers.values() if w.accepting and not w.solo)
 
-    def submit(self, task: dict, solo: bool = False) -> str | None:
+    def submit(self, task: Task, solo: bool = False) -> str | None:
         """Send `task` to the least busy worker; None when every worker is full."""
         candidates = [w for w in self.workers.values() if w.accepting and not w.solo
                       and len(w.tasks) < (1 if solo else self.depth)]
@@ -91,7 +98,7 @@ class LocalPool:
             return None
         worker = min(candidates, key=lambda w: (len(w.tasks), not w.ready))
         worker.solo = solo
-        worker.send(dict(task, solo=solo))
+        worker.send(task.alone(solo))
         return worker.name
 
     def busy(self) -> int:
@@ -120,43 +127,46 @@ class LocalPool:
                 continue  # retired while handling its messages
             if worker.dead or not worker.alive():
                 events += self._on_exit(key, worker)
+            elif not worker.ready and time.monotonic() - worker.spawned > self.ready_timeout_s:
+                events += self._on_ready_timeout(key, worker)
             elif worker.current_since and time.monotonic() - worker.current_since > self.timeout_s:
                 events += self._on_timeout(key, worker)
         return events
 
-    def _handle(self, worker: WorkerProcess, message: tuple) -> list[Event]:
-        kind = message[0]
-        if kind == "ready":
+    def _handle(self, worker: WorkerProcess, message: FromWorker) -> list[Event]:
+        if isinstance(message, Ready):
             worker.ready = True
-            worker.info = message[1]
+            worker.info = message.describe()
             self.start_failures[self._key(worker)] = 0
-            return [Event("ready", None, worker.name, message[1])]
-        if kind == "init_failed":
+            return [Event("ready", None, worker.name, worker.info)]
+        if isinstance(message, InitFailed):
             worker.kill()
             del self.workers[self._key(worker)]
-            events = [Event("requeue", t["slide_id"], worker.name, {"reason": "worker failed to start"})
+            events = [Event("requeue", t.slide_id, worker.name, {"reason": "worker failed to start"})
                       for t in worker.tasks]
             worker.tasks.clear()
-            return events + [Event("fatal", None, worker.name, {"kind": message[1], "error": message[2]})]
-        if kind == "start":
-            worker.current, worker.current_since = message[1], time.monotonic()
-            if worker.prefetching == message[1]:
+            return events + [Event("fatal", None, worker.name, {"kind": message.kind, "error": message.error})]
+        if isinstance(message, Started):
+            worker.current, worker.current_since = message.slide_id, time.monotonic()
+            if worker.prefetching == message.slide_id:
                 worker.prefetching = None
-            return [Event("start", message[1], worker.name, {"t": message[2]})]
-        if kind == "prefetch":
-            worker.prefetching = message[1]
+            return [Event("start", message.slide_id, worker.name, {"t": message.t})]
+        if isinstance(message, Prefetching):
+            worker.prefetching = message.slide_id
             return []
-        if kind == "progress":
-            worker.progress = (message[2], message[3])
-            return [Event("progress", message[1], worker.name, {"done": message[2], "total": message[3]})]
-        if kind in ("done", "failed"):
-            if kind == "failed" and message[2].get("kind") == "exception":
+        if isinstance(message, Progress):
+            worker.progress = (message.done, message.total)
+            return [Event("progress", message.slide_id, worker.name, {"done": message.done, "total": message.total})]
+        if isinstance(message, (Done, Failed)):
+            if isinstance(message, Failed) and message.failure.kind == EXCEPTION:
                 worker.retiring = True
-            task = worker.pop(message[1])
-            if task and task.get("solo"):
+            task = worker.pop(message.slide_id)
+            if task and task.solo:
                 worker.solo = False
-            return [Event(kind, message[1], worker.name, message[2])]
-        raise ValueError(f"worker {worker.name} sent an unknown message {kind!r}")
+            if isinstance(message, Done):
+                return [Event("done", message.slide_id, worker.name, {"outcome": message.outcome})]
+            return [Event("failed", message.slide_id, worker.name, asdict(message.failure))]
+        raise TypeError(f"worker {worker.name} sent an unknown message {type(message).__name__}")
 
     def _key(self, worker: WorkerProcess) -> str:
         return worker.name[len(self.prefix):]
@@ -168,7 +178,7 @@ class LocalPool:
         events = []
         suspects = {worker.current, worker.prefetching} if ambiguous else set()
         for task in worker.tasks:
-            sid = task["slide_id"]
+            sid = task.slide_id
             if sid in suspects:
                 events.append(Event("requeue", sid, worker.name, {
                     "reason": f"worker {worker.name} crashed ({cause}) while scoring {worker.current} and "
@@ -177,7 +187,7 @@ class LocalPool:
             elif sid == worker.current:
                 seconds = time.monotonic() - worker.current_since if worker.current_since else None
                 events.append(Event("failed", sid, worker.name,
-                                    {"kind": failed_kind, "error": failed_text.format(path=task["path"]),
+                                    {"kind": failed_kind, "error": failed_text.format(path=task.path),
                                      "seconds": seconds}))
             else:
                 events.append(Event("requeue", sid, worker.name,
@@ -203,6 +213,21 @@ class LocalPool:
         return self._drop(key, worker, cause, "crash", f"worker crashed with {cause} while scoring {{path}}",
                           ambiguous=ambiguous)
 
+    def _on_ready_timeout(self, key: str, worker: WorkerProcess) -> list[Event]:
+        """A worker that never said it was ready (a hung model load, engine build or compile): the
+        slide it was given first is failed with that reason, the others go back to the queue."""
+        worker.kill()
+        cause = (f"worker {worker.name} did not become ready within {self.ready_timeout_s:g} s "
+                 f"(loading the model, building an engine or compiling); killed")
+        events = []
+        if worker.tasks:
+            first = worker.tasks[0]
+            events.append(Event("failed", first.slide_id, worker.name,
+                                {"kind": "start_timeout", "error": f"{cause} before it could score {first.path}",
+                                 "seconds": time.monotonic() - worker.spawned}))
+            worker.tasks = worker.tasks[1:]
+        return events + self._drop(key, worker, "it did not become ready in time", "start_timeout", cause)
+
     def _on_timeout(self, key: str, worker: WorkerProcess) -> list[Event]:
         worker.kill()
         return self._drop(key, worker, "killed after the timeout", "timeout",
@@ -212,7 +237,7 @@ class LocalPool:
         for worker in self.workers.values():
             if not worker.dead:
                 try:
-                    worker.conn.send(("stop",))
+                    worker.conn.send(Stop())
                 except OSError:
                     pass
         deadline = time.monotonic() + grace_s

@@ -1,4 +1,4 @@
-"""Driver side of one worker process (see worker.py for the other side and the protocol)."""
+"""Driver side of one worker process (see worker.py for the other side, protocol.py for the messages)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from .protocol import FromWorker, Hello, Stop, Task
 from .worker import DEFAULT_JOB
 
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
@@ -52,7 +53,7 @@ class WorkerProcess:
         log = open(log_path, "ab") if log_path else None
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jwth_engine.screen.worker", str(theirs.fileno())],
+                [sys.executable, "-m", "jwth_engine.screen.worker", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                 stdout=log or subprocess.DEVNULL, stderr=log, env=worker_env(env),
             )
@@ -61,11 +62,11 @@ class WorkerProcess:
             if log:
                 log.close()
         self.conn = Connection(ours.detach())
-        self.conn.send({"name": name, "options": options, "job": job})
+        self.conn.send(Hello(name, options, job))
         self.spawned = time.monotonic()
         self.ready = False
         self.info: dict = {}
-        self.tasks: list[dict] = []
+        self.tasks: list[Task] = []
         self.current: str | None = None
         self.current_since: float | None = None     # monotonic
         self.solo = False
@@ -78,12 +79,12 @@ class WorkerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def send(self, task: dict) -> None:
+    def send(self, task: Task) -> None:
         """Queue `task`; if the worker has just died, it stays listed and the pool hands it back
         when it notices the exit."""
         self.tasks.append(task)
         try:
-            self.conn.send(("task", task))
+            self.conn.send(task)
         except OSError:
             self.dead = True
 
@@ -91,10 +92,10 @@ class WorkerProcess:
     def accepting(self) -> bool:
         return not self.dead and not self.retiring
 
-    def task(self, slide_id: str) -> dict | None:
-        return next((t for t in self.tasks if t["slide_id"] == slide_id), None)
+    def task(self, slide_id: str) -> Task | None:
+        return next((t for t in self.tasks if t.slide_id == slide_id), None)
 
-    def pop(self, slide_id: str) -> dict | None:
+    def pop(self, slide_id: str) -> Task | None:
         task = self.task(slide_id)
         if task is not None:
             self.tasks.remove(task)
@@ -106,7 +107,7 @@ class WorkerProcess:
             self.prefetching = None
         return task
 
-    def receive(self) -> list[tuple]:
+    def receive(self) -> list[FromWorker]:
         """Every message waiting; marks the worker dead when its end of the connection closed."""
         messages = []
         try:
@@ -123,7 +124,7 @@ class WorkerProcess:
         """Ask politely, then kill."""
         if self.proc.poll() is None and not self.dead:
             try:
-                self.conn.send(("stop",))
+                self.conn.send(Stop())
             except OSError:
                 pass
             try:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import BackendUnavailable, ConfigError
-from .local import Event, LocalPool, WorkerSpec
+from .local import DEFAULT_READY_TIMEOUT_S, Event, LocalPool, WorkerSpec
 from .process import _PACKAGE_PARENT
+from .protocol import Task
 from .worker import DEFAULT_JOB
 
 log = logging.getLogger("jwth_engine.screen")
@@ -42,8 +42,8 @@ def _import_ray():
 class ScreenActor:
     """Body of the Ray actor: one worker process on this node (its GPU, if Ray gave it one)."""
 
-    def __init__(self, name: str, options: dict, timeout_s: float, log_dir: str, depth: int, threads: int,
-                 job: str, env: dict):
+    def __init__(self, name: str, options: dict, timeout_s: float, ready_timeout_s: float, log_dir: str,
+                 depth: int, threads: int, job: str, env: dict):
         import ray
 
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -52,10 +52,11 @@ class ScreenActor:
             env["OMP_NUM_THREADS"] = str(threads)
         self.host = socket.gethostname()
         spec = WorkerSpec(f"{self.host}-{name}", env)
-        self.pool = LocalPool([spec], options, timeout_s=timeout_s, log_dir=log_dir, depth=depth, job=job)
-        self.backlog: list[tuple[dict, bool]] = []
+        self.pool = LocalPool([spec], options, timeout_s=timeout_s, ready_timeout_s=ready_timeout_s,
+                              log_dir=log_dir, depth=depth, job=job)
+        self.backlog: list[tuple[Task, bool]] = []
 
-    def submit(self, task: dict, solo: bool) -> None:
+    def submit(self, task: Task, solo: bool) -> None:
         # The driver counts this actor's slots; its worker may be between processes right now.
         self.backlog.append((task, solo))
         self._drain()
@@ -64,10 +65,10 @@ class ScreenActor:
         while self.backlog and self.pool.submit(self.backlog[0][0], solo=self.backlog[0][1]):
             self.backlog.pop(0)
 
-    def poll(self, timeout: float) -> list[dict]:
+    def poll(self, timeout: float) -> list[Event]:
         events = self.pool.poll(timeout)
         self._drain()
-        return [asdict(e) for e in events]
+        return events
 
     def status(self) -> list[dict]:
         return self.pool.status()
@@ -89,7 +90,7 @@ class RayPool:
     """The driver's view of the actors; same interface as `LocalPool`."""
 
     def __init__(self, address: str, options: dict, *, timeout_s: float, log_dir: str | os.PathLike,
-                 use_gpus: bool = True, jobs: int | None = None, cpus_per_job: float = 1.0, depth: int = 2,
+                 ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S, use_gpus: bool = True, jobs: int | None = None, cpus_per_job: float = 1.0, depth: int = 2,
                  job: str = DEFAULT_JOB, worker_env: dict | None = None):
         ray = self.ray = _import_ray()
         if not ray.is_initialized():
@@ -113,11 +114,12 @@ class RayPool:
         self.size = count
         self.depth = depth
         self._actor_cls = ray.remote(max_restarts=0)(ScreenActor)
-        self._args = (options, timeout_s, str(Path(log_dir).resolve()), depth, threads, job, worker_env or {})
+        self._args = (options, timeout_s, ready_timeout_s, str(Path(log_dir).resolve()), depth, threads, job,
+                      worker_env or {})
         self._actor_options = actor_options
         self.actors: dict[str, object] = {}
         self.refs: dict[str, object] = {}
-        self.tasks: dict[str, list[dict]] = {}
+        self.tasks: dict[str, list[Task]] = {}
         self.current: dict[str, str | None] = {}
         self.status_cache: dict[str, dict] = {}
         self.failures: dict[str, int] = {}
@@ -139,12 +141,12 @@ class RayPool:
             return sum(1 for name in self.actors if not self.tasks[name])
         return sum(self.depth - len(self.tasks[name]) for name in self.actors if not self.solo[name])
 
-    def submit(self, task: dict, solo: bool = False) -> str | None:
+    def submit(self, task: Task, solo: bool = False) -> str | None:
         names = [n for n in self.actors if not self.solo[n] and len(self.tasks[n]) < (1 if solo else self.depth)]
         if not names:
             return None
         name = min(names, key=lambda n: len(self.tasks[n]))
-        task = dict(task, solo=solo)
+        task = task.alone(solo)
         self.tasks[name].append(task)
         self.solo[name] = solo
         self.actors[name].submit.remote(task, solo)   # ordered before the actor's next poll
@@ -167,8 +169,7 @@ class RayPool:
                     ray.exceptions.ActorUnavailableError) as exc:
                 events += self._lost(name, exc)
                 continue
-            for item in raw:
-                event = Event(**item)
+            for event in raw:
                 events.append(self._track(name, event))
             self.refs[name] = self.actors[name].poll.remote(POLL_S)
         return events
@@ -181,7 +182,7 @@ class RayPool:
         elif event.kind == "progress":
             self.status_cache[name] = {"slide": event.slide_id, "progress": (event.data["done"], event.data["total"])}
         elif event.kind in ("done", "failed", "requeue"):
-            self.tasks[name] = [t for t in self.tasks[name] if t["slide_id"] != event.slide_id]
+            self.tasks[name] = [t for t in self.tasks[name] if t.slide_id != event.slide_id]
             if not self.tasks[name]:
                 self.solo[name] = False
             if self.current[name] == event.slide_id:
@@ -192,8 +193,8 @@ class RayPool:
     def _lost(self, name: str, exc: Exception) -> list[Event]:
         reason = f"Ray actor {name} died ({type(exc).__name__})"
         log.warning("%s: %s", reason, exc)
-        events = [Event("requeue", t["slide_id"], name,
-                        {"reason": reason, "started": t["slide_id"] == self.current[name], "solo": t.get("solo")})
+        events = [Event("requeue", t.slide_id, name,
+                        {"reason": reason, "started": t.slide_id == self.current[name], "solo": t.solo})
                   for t in self.tasks[name]]
         self.failures[name] = self.failures.get(name, 0) + 1
         del self.actors[name], self.refs[name]

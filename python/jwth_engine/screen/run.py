@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import RunConfig
-from ..errors import ConfigError, JwthError
+from ..errors import ConfigError, DiskFull, JwthError
+from ..outputs.atomic import is_disk_full
 from .config import REPORT_KEY, config_hash, describe_difference, identity
 from .layout import ScreenLayout
-from .ledger import Ledger
+from .ledger import Ledger, ledger_full
 from .progress import ScreenDisplay
+from .protocol import DISK_FULL, Outcome, Task
 from .results import ResultsWriter, result_from_summary
 from .sources import SlideSource, load_sources
 
@@ -33,6 +35,18 @@ MAX_LOST = 3            # a slide whose worker vanished this many times (not its
 
 class ScreenAborted(JwthError):
     """The run cannot continue (its workers cannot start); slides are left pending."""
+
+
+class _OutputFull(Exception):
+    """Raised inside the driver loop when the output folder filled up; becomes DiskFull."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def _full(exc: BaseException, folder: Path | None = None) -> bool:
+    return isinstance(exc, DiskFull) or is_disk_full(exc) or ledger_full(exc, folder)
 
 
 @dataclass
@@ -149,6 +163,7 @@ def run_screen(
     gpus: list[int] | None = None,
     jobs: int | None = None,
     slide_timeout_s: float = 3600.0,
+    ready_timeout_s: float | None = None,
     retry_failed: bool = False,
     reconfigure: bool = False,
     ray_address: str | None = None,
@@ -176,71 +191,103 @@ def run_screen(
     layout = ScreenLayout(out)
     layout.create()
     layout.lock()
-    ledger = Ledger(layout.ledger)
     try:
-        check_config(ledger, layout.root, ident, current_hash, reconfigure)
-        for note in recover(ledger, layout):
-            log.info("%s", note)
-        ledger.set_config(current_hash, ident, config.to_dict())
-        for slide_id, note in ledger.sync_sources(sources).items():
-            layout.retire(slide_id)
-            log.info("%s: %s", slide_id, note)
-        todo, skipped = plan(ledger, layout, sources, current_hash, retry_failed=retry_failed)
-        results = ResultsWriter(ledger, layout, results_interval_s)
-        if pool_factory is None:
-            pool_factory = _default_pool_factory(gpus=gpus, jobs=jobs, ray_address=ray_address,
-                                                 ray_cpus_per_job=ray_cpus_per_job)
-        runner = "ray" if ray_address else "local"
-        report = ScreenReport(layout.root, 0, current_hash, len(todo), skipped)
-        if not todo:
-            results.maybe_write(force=True)
-            report.counts = ledger.counts()
-            report.seconds = time.monotonic() - t0
-            return report
-        display = ScreenDisplay(len(todo), skipped, live=progress)
-        options = {**config.to_dict(), REPORT_KEY: True} if report else config.to_dict()
-        pool = pool_factory(options, timeout_s=slide_timeout_s, log_dir=layout.logs)
-        report.run_id = ledger.begin_run(current_hash, runner, getattr(pool, "size", 0), argv or sys.argv)
-        driver = _Driver(ledger, layout, pool, display, results, report)
-        old_term = signal.signal(signal.SIGTERM, _raise_stop)
-        state = "interrupted"
-        try:
-            display.start()
-            driver.loop(todo)
-            state = "finished"
-        except ScreenAborted:
-            state = "aborted"
-            raise
-        except (KeyboardInterrupt, _Stop):
-            report.interrupted = True
-        finally:
-            signal.signal(signal.SIGTERM, old_term)
-            display.stop()
-            driver.shutdown(state)
-        report.counts = ledger.counts()
-        report.seconds = time.monotonic() - t0
-        if report.interrupted:
-            raise KeyboardInterrupt
-        return report
+        ledger = Ledger(layout.ledger)
+    except DiskFull:
+        layout.unlock()
+        raise
+    try:
+        return _run_locked(layout, ledger, sources, config, ident, current_hash, t0, gpus=gpus, jobs=jobs,
+                           slide_timeout_s=slide_timeout_s, ready_timeout_s=ready_timeout_s,
+                           retry_failed=retry_failed, reconfigure=reconfigure, ray_address=ray_address,
+                           ray_cpus_per_job=ray_cpus_per_job, progress=progress,
+                           results_interval_s=results_interval_s, argv=argv, pool_factory=pool_factory,
+                           write_reports=report)
+    except Exception as exc:
+        if _full(exc, layout.root) and not isinstance(exc, DiskFull):
+            raise DiskFull(_full_message(layout.root, exc)) from exc
+        raise
     finally:
         ledger.close()
         layout.unlock()
+
+
+def _full_message(root: Path, cause: BaseException | str) -> str:
+    return (f"{root}: the output folder's disk is full ({cause}); the run stopped, finished slides are kept "
+            f"and the ledger is consistent; free space and run the same command again to resume")
+
+
+def _run_locked(layout, ledger, sources, config, ident, current_hash, t0, *, gpus, jobs, slide_timeout_s,
+                ready_timeout_s, retry_failed, reconfigure, ray_address, ray_cpus_per_job, progress,
+                results_interval_s, argv, pool_factory, write_reports=False) -> ScreenReport:
+    check_config(ledger, layout.root, ident, current_hash, reconfigure)
+    for note in recover(ledger, layout):
+        log.info("%s", note)
+    ledger.set_config(current_hash, ident, config.to_dict())
+    for slide_id, note in ledger.sync_sources(sources).items():
+        layout.retire(slide_id)
+        log.info("%s: %s", slide_id, note)
+    todo, skipped = plan(ledger, layout, sources, current_hash, retry_failed=retry_failed)
+    results = ResultsWriter(ledger, layout, results_interval_s)
+    if pool_factory is None:
+        pool_factory = _default_pool_factory(gpus=gpus, jobs=jobs, ray_address=ray_address,
+                                             ray_cpus_per_job=ray_cpus_per_job)
+    runner = "ray" if ray_address else "local"
+    report = ScreenReport(layout.root, 0, current_hash, len(todo), skipped)
+    if not todo:
+        results.maybe_write(force=True)
+        report.counts = ledger.counts()
+        report.seconds = time.monotonic() - t0
+        return report
+    display = ScreenDisplay(len(todo), skipped, live=progress)
+    pool_kwargs = {"ready_timeout_s": ready_timeout_s} if ready_timeout_s is not None else {}
+    # `--report` travels beside the configuration: pictures are not part of its identity.
+    options = {**config.to_dict(), REPORT_KEY: True} if write_reports else config.to_dict()
+    pool = pool_factory(options, timeout_s=slide_timeout_s, log_dir=layout.logs, **pool_kwargs)
+    report.run_id = ledger.begin_run(current_hash, runner, getattr(pool, "size", 0), argv or sys.argv)
+    driver = _Driver(ledger, layout, pool, display, results, report)
+    old_term = signal.signal(signal.SIGTERM, _raise_stop)
+    state = "interrupted"
+    try:
+        display.start()
+        driver.loop(todo)
+        state = "finished"
+    except ScreenAborted:
+        state = "aborted"
+        raise
+    except (KeyboardInterrupt, _Stop):
+        report.interrupted = True
+    except Exception as exc:
+        if not (isinstance(exc, _OutputFull) or _full(exc, layout.root)):
+            raise
+        state = "disk_full"
+        cause = exc.cause if isinstance(exc, _OutputFull) else str(exc)
+        raise DiskFull(_full_message(layout.root, cause)) from exc
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        display.stop()
+        driver.shutdown(state)
+    report.counts = ledger.counts()
+    report.seconds = time.monotonic() - t0
+    if report.interrupted:
+        raise KeyboardInterrupt
+    return report
 
 
 def _default_pool_factory(*, gpus, jobs, ray_address, ray_cpus_per_job):
     if ray_address:
         from .ray_runner import RayPool
 
-        def make_ray(options, *, timeout_s, log_dir):
-            return RayPool(ray_address, options, timeout_s=timeout_s, log_dir=log_dir,
+        def make_ray(options, *, timeout_s, log_dir, **kwargs):
+            return RayPool(ray_address, options, timeout_s=timeout_s, log_dir=log_dir, **kwargs,
                            use_gpus=options["runtime"]["device"] != "cpu", jobs=jobs, cpus_per_job=ray_cpus_per_job)
         return make_ray
 
     from .local import LocalPool, cpu_specs, gpu_specs
 
-    def make_local(options, *, timeout_s, log_dir):
+    def make_local(options, *, timeout_s, log_dir, **kwargs):
         specs = gpu_specs(gpus) if gpus else cpu_specs(jobs or 1, hide_gpus=options["runtime"]["device"] == "cpu")
-        return LocalPool(specs, options, timeout_s=timeout_s, log_dir=log_dir)
+        return LocalPool(specs, options, timeout_s=timeout_s, log_dir=log_dir, **kwargs)
     return make_local
 
 
@@ -249,7 +296,7 @@ class _Driver:
                  results: ResultsWriter, report: ScreenReport):
         self.ledger, self.layout, self.pool = ledger, layout, pool
         self.display, self.results, self.report = display, results, report
-        self.in_flight: dict[str, dict] = {}
+        self.in_flight: dict[str, Task] = {}
         self.lost: dict[str, int] = {}
         self._serial = 0
 
@@ -271,7 +318,7 @@ class _Driver:
         row = self.ledger.get(slide_id)
         self._serial += 1
         staging = self.layout.staging_dir(slide_id, self.report.run_id, self._serial)
-        task = {"slide_id": slide_id, "path": row.path, "mpp": row.mpp, "staging": str(staging)}
+        task = Task(slide_id, row.path, row.mpp, str(staging))
         worker = self.pool.submit(task, solo=solo)
         if worker is None:
             raise RuntimeError("pool reported a free slot but refused the task")
@@ -291,13 +338,16 @@ class _Driver:
         if event.kind == "start":
             self.ledger.mark_started(sid, event.worker, event.data["t"])
         elif event.kind == "done":
-            self._commit(sid, event.data)
+            self._commit(sid, event.data["outcome"])
+        elif event.kind == "failed" and event.data.get("kind") == DISK_FULL:
+            # Not this slide's fault: it stays to do (shutdown requeues it) and the run stops.
+            raise _OutputFull(event.data["error"])
         elif event.kind == "failed":
             self._fail(sid, event.data.get("kind", "error"), event.data["error"], event.data.get("seconds"),
                        event.data.get("traceback"))
         elif event.kind == "requeue":
             task = self.in_flight.pop(sid)
-            _remove(Path(task["staging"]))
+            _remove(Path(task.staging))
             if event.data.get("started"):
                 self.lost[sid] = self.lost.get(sid, 0) + 1
                 if self.lost[sid] >= MAX_LOST:
@@ -308,20 +358,20 @@ class _Driver:
             return sid
         return None
 
-    def _commit(self, sid: str, outcome: dict) -> None:
+    def _commit(self, sid: str, outcome: Outcome) -> None:
         task = self.in_flight[sid]
-        staging = Path(task["staging"])
-        summary = outcome["summary"]
-        problem = self.layout.check_outputs(staging, sid, outcome["tiles_sha256"], outcome["summary_sha256"])
+        staging = Path(task.staging)
+        summary = outcome.summary
+        problem = self.layout.check_outputs(staging, sid, outcome.tiles_sha256, outcome.summary_sha256)
         recorded = summary.get("outputs", {}).get("tiles_parquet_sha256")
-        if problem is None and recorded != outcome["tiles_sha256"]:
+        if problem is None and recorded != outcome.tiles_sha256:
             problem = "tiles parquet does not match the checksum in its summary"
         if problem:
-            self._fail(sid, "outputs", f"{task['path']}: outputs not usable after scoring: {problem}",
-                       outcome.get("seconds"))
+            self._fail(sid, "outputs", f"{task.path}: outputs not usable after scoring: {problem}",
+                       outcome.seconds)
             return
-        self.ledger.mark_staged(sid, tiles_sha256=outcome["tiles_sha256"], summary_sha256=outcome["summary_sha256"],
-                                result=result_from_summary(summary), seconds=outcome.get("seconds"))
+        self.ledger.mark_staged(sid, tiles_sha256=outcome.tiles_sha256, summary_sha256=outcome.summary_sha256,
+                                result=result_from_summary(summary), seconds=outcome.seconds)
         self.layout.publish(staging, sid)
         self.ledger.mark_done(sid)
         del self.in_flight[sid]
@@ -331,34 +381,43 @@ class _Driver:
         else:
             self.report.no_tissue.append(sid)
         detail = f"{summary['tiles']['scored']} tiles" if summary.get("status") == "scored" else "no tissue"
-        self.display.slide_done(sid, outcome.get("seconds"), detail)
+        self.display.slide_done(sid, outcome.seconds, detail)
         self.results.changed()
 
     def _fail(self, sid: str, kind: str, error: str, seconds: float | None = None,
               tb: str | None = None) -> None:
-        task = self.in_flight.pop(sid)
-        _remove(Path(task["staging"]))
+        task = self.in_flight[sid]
+        _remove(Path(task.staging))
         self.ledger.mark_failed(sid, kind, error, seconds)
+        del self.in_flight[sid]    # only once the ledger has it (a full disk leaves it to requeue)
         if tb:
             with open(self.layout.logs / "failures.log", "a") as fh:
-                fh.write(f"--- {sid} ({task['path']})\n{tb}\n")
+                fh.write(f"--- {sid} ({task.path})\n{tb}\n")
         self.report.failed[sid] = error
         self.display.slide_failed(sid, error)
         self.results.changed()
 
     def shutdown(self, state: str) -> None:
-        """Stop the workers; slides still in flight go back to pending; tables written last."""
+        """Stop the workers; slides still in flight go back to pending; tables written last. On a
+        full disk every write is tried and may fail: a slide the ledger still lists as running is
+        put back to pending by the next run's recover()."""
         if state == "finished":
             self.pool.close()
         else:
             self.pool.kill()
-        for sid, task in list(self.in_flight.items()):
-            _remove(Path(task["staging"]))
-            self.ledger.mark_requeued(sid, "run interrupted")
+        writes = [*((lambda sid=sid: self.ledger.mark_requeued(sid, "run interrupted")) for sid in self.in_flight)]
+        for task in self.in_flight.values():
+            _remove(Path(task.staging))
         self.in_flight.clear()
         if self.report.run_id:
-            self.ledger.finish_run(self.report.run_id, state)
-        self.results.maybe_write(force=True)
+            writes.append(lambda: self.ledger.finish_run(self.report.run_id, state))
+        writes.append(lambda: self.results.maybe_write(force=True))
+        for write in writes:
+            try:
+                write()
+            except Exception as exc:
+                if state != "disk_full" or not _full(exc, self.layout.root):
+                    raise
 
 
 def _remove(folder: Path) -> None:

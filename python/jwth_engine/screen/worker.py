@@ -1,17 +1,11 @@
 """A screening worker: a separate Python process that loads the model once and scores one slide
 after another.
 
-Started by `process.WorkerProcess` as `python -m jwth_engine.screen.worker FD`, where FD is one end
-of a socket pair; messages are pickled tuples (multiprocessing `Connection`). A fresh interpreter
+Started by `process.WorkerProcess` as `python -m jwth_engine.screen.worker FD PARENT_PID`, where FD
+is one end of a socket pair; the messages are the dataclasses of `protocol.py`. A fresh interpreter
 rather than a fork: the driver may hold threads (Ray, rich) and torch must never be forked, and a
-native library that crashes takes only this process with it.
-
-Protocol (driver → worker): `{"name", "options", "job"}` once (`options`: the run's
-`RunConfig.to_dict()`), then `("task", task)` per slide and
-`("stop",)`. Worker → driver: `("ready", info)` or `("init_failed", kind, message)`, then per
-slide `("start", slide_id, t)`, optional `("prefetch", next_id)` (it began preparing the next
-slide, so a crash from now on may be either's), `("progress", slide_id, done, total)` and finally
-`("done", slide_id, outcome)` or `("failed", slide_id, failure)`.
+native library that crashes takes only this process with it. The worker dies with the driver
+(parent-death signal): a driver killed with kill -9 leaves no worker holding a GPU.
 
 Look-ahead: once the current slide's tiles are all decoded (only the backbone and the outputs are
 left), a thread prepares the next queued slide — opens it, finds its tissue, starts decoding its
@@ -36,6 +30,12 @@ import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..errors import DiskFull, JwthError
+from ..lifetime import die_with_parent
+from ..outputs.atomic import is_disk_full
+from .protocol import (DISK_FULL, ERROR, EXCEPTION, Done, Failed, Failure, Hello, InitFailed, Outcome,
+                       Prefetching, Progress, Ready, Started, Stop, Task)
+
 DEFAULT_JOB = "jwth_engine.screen.worker:ScoreJob"
 PROGRESS_INTERVAL_S = 1.0
 
@@ -57,38 +57,38 @@ class ScoreJob:
         self.info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                      "device": str(self.scorer.device), "load_s": round(self.scorer.model.load_seconds, 2)}
 
-    def prepare(self, task: dict):
-        return self.scorer.prepare(task["path"], task.get("mpp"))
+    def prepare(self, task: Task):
+        return self.scorer.prepare(task.path, task.mpp)
 
     def discard(self, prepared) -> None:
         prepared.close()
 
-    def run(self, task: dict, prepared, progress) -> dict:
+    def run(self, task: Task, prepared, progress) -> Outcome:
         from ..outputs import sha256_file
 
-        staging = Path(task["staging"])
+        staging = Path(task.staging)
         staging.mkdir(parents=True, exist_ok=True)
-        name = task["slide_id"]
-        result = self.scorer.finish(prepared, out=staging, name=name, progress=progress, visuals=self.visuals)
-        return {"summary": result.summary, "tiles_sha256": sha256_file(result.tiles_path),
-                "summary_sha256": sha256_file(result.summary_path)}
+        result = self.scorer.finish(prepared, out=staging, name=task.slide_id, progress=progress,
+                                    visuals=self.visuals)
+        return Outcome(result.summary, tiles_sha256=sha256_file(result.tiles_path),
+                       summary_sha256=sha256_file(result.summary_path))
 
 
 class FunctionJob:
-    """A plain `fn(task, options, progress) -> outcome` as a job (no preparation step)."""
+    """A plain `fn(task, options, progress) -> Outcome` as a job (no preparation step)."""
 
     prepares = False       # nothing to look ahead for
 
     def __init__(self, fn, options: dict):
         self.fn, self.options, self.info = fn, options, {}
 
-    def prepare(self, task: dict):
+    def prepare(self, task: Task):
         return None
 
     def discard(self, prepared) -> None:
         pass
 
-    def run(self, task: dict, prepared, progress) -> dict:
+    def run(self, task: Task, prepared, progress) -> Outcome:
         return self.fn(task, self.options, progress)
 
 
@@ -100,7 +100,7 @@ def load_job(spec: str, options: dict):
 
 
 def _watch_parent(parent: int) -> None:
-    """Exit when the driver is gone (kill -9 of the driver alone must not leave us scoring)."""
+    """Exit when the driver is gone, where the parent-death signal is not available."""
     def watch() -> None:
         while True:
             if os.getppid() != parent:
@@ -140,10 +140,10 @@ class _Inbox:
         try:
             while True:
                 message = conn.recv()
-                if message[0] == "task":
-                    _read_ahead(message[1]["path"])
-                    self._put(message[1])
-                elif message[0] == "stop":
+                if isinstance(message, Task):
+                    _read_ahead(message.path)
+                    self._put(message)
+                elif isinstance(message, Stop):
                     break
         except (EOFError, OSError):
             pass
@@ -188,10 +188,10 @@ class _LookAhead:
             while prefetcher is not None and prefetcher.alive and not current_done.is_set():
                 time.sleep(0.05)
             task = inbox.peek_until(current_done)
-            if task is None or task is _STOP or task.get("solo"):
+            if task is None or task is _STOP or task.solo:
                 return
             self.task = task
-            send(("prefetch", task["slide_id"]))
+            send(Prefetching(task.slide_id))
             try:
                 self.prepared = job.prepare(task)
             except BaseException as exc:  # handed to the main loop when this slide's turn comes
@@ -214,18 +214,25 @@ class _LookAhead:
             job.discard(self.prepared)
 
 
-def serve(conn: Connection) -> int:
-    from ..errors import JwthError
+def _failure(exc: BaseException, seconds: float) -> Failure:
+    if isinstance(exc, DiskFull) or is_disk_full(exc):
+        return Failure(DISK_FULL, str(exc) if isinstance(exc, JwthError) else f"{type(exc).__name__}: {exc}", seconds)
+    if isinstance(exc, JwthError):
+        return Failure(ERROR, str(exc), seconds)
+    return Failure(EXCEPTION, f"{type(exc).__name__}: {exc}", seconds, traceback.format_exc())
 
+
+def serve(conn: Connection) -> int:
     hello = conn.recv()
-    name, options = hello["name"], hello["options"]
+    if not isinstance(hello, Hello):
+        raise TypeError(f"expected Hello from the driver, got {type(hello).__name__}")
     try:
-        job = load_job(hello.get("job") or DEFAULT_JOB, options)
+        job = load_job(hello.job or DEFAULT_JOB, hello.options)
     except JwthError as exc:
-        conn.send(("init_failed", "error", str(exc)))
+        conn.send(InitFailed(ERROR, str(exc)))
         return 1
     except Exception as exc:  # reported to the driver, which stops the run with this message
-        conn.send(("init_failed", "exception", f"{type(exc).__name__}: {exc}"))
+        conn.send(InitFailed(EXCEPTION, f"{type(exc).__name__}: {exc}"))
         return 1
     lock = threading.Lock()
 
@@ -233,8 +240,8 @@ def serve(conn: Connection) -> int:
         with lock:
             conn.send(message)
 
-    send(("ready", {"name": name, "pid": os.getpid(), "host": os.uname().nodename,
-                    "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"), **job.info}))
+    send(Ready(hello.name, os.getpid(), os.uname().nodename, os.environ.get("CUDA_VISIBLE_DEVICES"),
+               dict(job.info)))
     inbox = _Inbox(conn)
     lookahead: _LookAhead | None = None
     while True:
@@ -243,16 +250,16 @@ def serve(conn: Connection) -> int:
             if lookahead is not None:
                 lookahead.discard(job)
             return 0
-        slide_id = task["slide_id"]
+        slide_id = task.slide_id
         t0 = time.time()
-        send(("start", slide_id, t0))
+        send(Started(slide_id, t0))
         last = [0.0]
 
         def progress(done: int, total: int) -> None:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_INTERVAL_S or done == total:
                 last[0] = now
-                send(("progress", slide_id, done, total))
+                send(Progress(slide_id, done, total))
 
         current_done = threading.Event()
         try:
@@ -262,29 +269,30 @@ def serve(conn: Connection) -> int:
             lookahead = None
             if not hit:
                 prepared = job.prepare(task)
-            if not task.get("solo") and getattr(job, "prepares", True):
+            if not task.solo and getattr(job, "prepares", True):
                 lookahead = _LookAhead(job, prepared, current_done, inbox, send)
             outcome = job.run(task, prepared, progress)
-        except JwthError as exc:
-            send(("failed", slide_id, {"kind": "error", "error": str(exc), "seconds": time.time() - t0}))
+        except Exception as exc:
+            failure = _failure(exc, time.time() - t0)
+            send(Failed(slide_id, failure))
+            if failure.kind == EXCEPTION:
+                return 2   # recorded with its traceback; then this process is replaced
             continue
-        except Exception as exc:  # recorded with its traceback; then this process is replaced
-            send(("failed", slide_id, {
-                "kind": "exception", "error": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(), "seconds": time.time() - t0,
-            }))
-            return 2
         finally:
             current_done.set()
-        outcome["seconds"] = time.time() - t0
-        send(("done", slide_id, outcome))
+        if isinstance(outcome, dict):   # jobs may return Outcome's fields as a dict
+            outcome = Outcome(**outcome)
+        send(Done(slide_id, Outcome(outcome.summary, outcome.tiles_sha256, outcome.summary_sha256,
+                                    time.time() - t0)))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Ctrl-C goes to the whole process group; the driver decides what happens to running slides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _watch_parent(os.getppid())
+    parent = int(argv[1]) if len(argv) > 1 else os.getppid()
+    if not die_with_parent(parent):
+        _watch_parent(parent)
     conn = Connection(int(argv[0]))
     try:
         return serve(conn)

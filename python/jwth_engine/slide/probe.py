@@ -14,12 +14,16 @@ order, and grepping for such words sent those files to OpenSlide. The printed te
 (`ProbeResult.output`) and quoted in the reason when the pixels are wrong.
 
 Two ways to start the child:
-* "fork" (default): the child inherits the already-imported cuCIM, so a probe costs a few
-  milliseconds plus cuCIM's own open. It runs cuCIM on the CPU only and leaves with `os._exit`, so
-  it never runs the parent's atexit handlers or flushes its Python buffers.
-* "spawn": a fresh interpreter (~0.5 s). Used automatically once this process has initialised
-  CUDA through torch: a forked child of such a process must not touch CUDA, and nothing promises
-  that cuCIM's open never does. `JWTH_SLIDE_PROBE=fork|spawn` forces one.
+* "forkserver" (default): a small probe server, started once per process as a fresh interpreter
+  (`python -m jwth_engine.slide.probe`) and kept warm, imports cuCIM and forks one child per probe.
+  The server is single-threaded and never touches CUDA, so its forks are safe; forking the caller
+  itself would not be (a screening worker or a `score` run has decoder threads, torch's thread
+  pools and maybe a CUDA context, and a fork can inherit a lock some other thread held). A probe
+  then costs a fork of a warm process plus cuCIM's own open; the server's start is paid once.
+* "spawn": a fresh interpreter per probe (pays Python and cuCIM start-up every time).
+  `JWTH_SLIDE_PROBE=forkserver|spawn` chooses.
+
+The numbers behind this choice are in benchmarks/results/probe_start.json (benchmarks/probe_start.py).
 """
 
 from __future__ import annotations
@@ -29,16 +33,22 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..lifetime import die_with_parent
+from .cucim_reader import import_cucim
+
 DEFAULT_TIMEOUT_S = 60.0
 PROBE_ENV = "JWTH_SLIDE_PROBE"
 _RESULT_MARK = "JWTH-PROBE-RESULT "
+_SERVER_GRACE_S = 30.0   # on top of a probe's timeout, before the server itself counts as stuck
 
 # Lines about the CUDA driver or cuFile are import-time noise on machines without a GPU and say
 # nothing about the file; they are left out of the text quoted in a reason.
@@ -61,13 +71,13 @@ class ProbeResult:
     seconds: float
     signal: str | None = None   # "SIGSEGV" etc. when the child died by a signal
     output: str = ""            # what the child's native libraries printed (trimmed)
-    method: str = "fork"        # "fork" | "spawn"
+    method: str = "forkserver"  # "forkserver" | "spawn"
 
 
 def check_with_cucim(path: str) -> None:
     """Open with cuCIM, read metadata and decode a 16 x 16 region; raises on failure.
 
-    Runs in the child. Uses only cuCIM on the CPU.
+    Runs in the probe child. Uses only cuCIM on the CPU.
     """
     from cucim.clara import CuImage
     import numpy as np
@@ -164,21 +174,12 @@ def _flush_c_stdio() -> None:
         pass
 
 
-def _cuda_initialised() -> bool:
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    try:
-        return bool(torch.cuda.is_initialized())
-    except (AttributeError, RuntimeError):
-        return False
+METHODS = ("forkserver", "spawn")
 
 
 def default_method() -> str:
     forced = os.environ.get(PROBE_ENV, "").strip().lower()
-    if forced in ("fork", "spawn"):
-        return forced
-    return "spawn" if _cuda_initialised() else "fork"
+    return forced if forced in METHODS else "forkserver"
 
 
 def probe_slide(path: str | os.PathLike, timeout: float = DEFAULT_TIMEOUT_S,
@@ -188,26 +189,21 @@ def probe_slide(path: str | os.PathLike, timeout: float = DEFAULT_TIMEOUT_S,
     Raises BackendUnavailable if cuCIM is not installed (imported here first, so a forked child
     starts warm).
     """
-    from .cucim_reader import import_cucim
-
-    import_cucim()
-    try:  # the cross-check's decoder, imported here so that a forked child starts warm
-        import openslide  # noqa: F401
-    except (ImportError, OSError):
-        pass
+    import_cucim()   # a missing cuCIM is the caller's error to report, here rather than in a child
     path = os.fspath(path)
     method = method or default_method()
-    if method not in ("fork", "spawn"):
-        raise ValueError(f"probe method must be 'fork' or 'spawn', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"probe method must be one of {', '.join(METHODS)}, got {method!r}")
     start = time.perf_counter()
-    if method == "fork":
-        payload, output, timed_out, killed_by = _run_forked(path, timeout)
+    if method == "forkserver":
+        payload, output, timed_out, killed_by = _SERVER.probe(path, timeout)
     else:
         payload, output, timed_out, killed_by = _run_spawned(path, timeout)
     return _interpret(payload, output, timed_out, killed_by, time.perf_counter() - start, timeout, method)
 
 
 def _run_forked(path: str, timeout: float) -> tuple[str, str, bool, int | None]:
+    """Fork one probe child and wait for it. Only ever called in the single-threaded probe server."""
     read_fd, write_fd = os.pipe()
     with tempfile.TemporaryFile(prefix="jwth-probe-") as out_file:
         pid = os.fork()
@@ -226,6 +222,102 @@ def _run_forked(path: str, timeout: float) -> tuple[str, str, bool, int | None]:
         output = out_file.read(64 * 1024).decode("utf-8", "replace")
     killed_by = os.WTERMSIG(status) if os.WIFSIGNALED(status) and not timed_out else None
     return payload.decode("utf-8", "replace"), output, timed_out, killed_by
+
+
+class _ProbeServer:
+    """The caller's side of the warm probe server: one request at a time over a socket pair, one
+    JSON line each way. Started on first use, restarted if it died; it exits when this process
+    closes its end (or dies: the kernel closes it then)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._file = None
+        self.starts = 0
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[2])  # the folder holding jwth_engine/
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        # One thread only, so that its forks are safe: numpy's BLAS would otherwise start a pool
+        # (the probe does no linear algebra).
+        env.update({name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+        try:
+            # subprocess starts it with fork+exec in C (no Python code runs between them), which is
+            # safe from a threaded process, unlike a fork that goes on running Python.
+            self._proc = subprocess.Popen([sys.executable, "-m", "jwth_engine.slide.probe", str(theirs.fileno()),
+                                           str(os.getpid())],
+                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._file = ours.makefile("rwb", buffering=0)
+        self.starts += 1
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._file.close()
+            self._sock.close()
+            self._sock = self._file = None
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def probe(self, path: str, timeout: float) -> tuple[str, str, bool, int | None]:
+        request = (json.dumps({"path": path, "timeout": timeout}) + "\n").encode()
+        with self._lock:
+            for attempt in (0, 1):
+                if self._proc is None or self._proc.poll() is not None:
+                    self._stop()
+                    self._start()
+                self._sock.settimeout(timeout + _SERVER_GRACE_S)
+                try:
+                    self._file.write(request)
+                    line = self._file.readline()
+                except TimeoutError:
+                    # The server itself is stuck (its own timeout should have fired): replace it.
+                    self._stop()
+                    return "", "", True, None
+                except OSError:
+                    line = b""
+                if line:
+                    reply = json.loads(line)
+                    return reply["payload"], reply["output"], reply["timed_out"], reply["killed_by"]
+                self._stop()    # the server died (not the probe child): start a fresh one once
+            raise RuntimeError("the cuCIM probe server exits as soon as it starts; run "
+                               "`python -m jwth_engine.slide.probe` to see why")
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+
+_SERVER = _ProbeServer()
+
+
+def _serve(fd: int, parent: int) -> int:
+    """The probe server's loop: import cuCIM once, then fork a child per request."""
+    die_with_parent(parent)
+    import_cucim()
+    sock = socket.socket(fileno=fd)
+    stream = sock.makefile("rwb", buffering=0)
+    while True:
+        line = stream.readline()
+        if not line:
+            return 0   # the caller closed its end or died
+        request = json.loads(line)
+        payload, output, timed_out, killed_by = _run_forked(request["path"], float(request["timeout"]))
+        stream.write((json.dumps({"payload": payload, "output": output, "timed_out": timed_out,
+                                  "killed_by": killed_by}) + "\n").encode())
 
 
 def _run_spawned(path: str, timeout: float) -> tuple[str, str, bool, int | None]:
@@ -312,3 +404,7 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(int(sys.argv[1]), int(sys.argv[2])))
