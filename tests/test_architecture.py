@@ -27,7 +27,7 @@ LAYERS = [
     {"scoring", "screen", "bench", "embed", "regions"},
     {"pipeline", "runtime"},
     {"heads", "backends", "models", "slide", "tissue", "tiling", "preprocess", "_native", "_C"},
-    {"outputs", "errors", "config", "specs"},
+    {"outputs", "errors", "config", "specs", "lifetime"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
