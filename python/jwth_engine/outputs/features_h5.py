@@ -74,7 +74,9 @@ class FeaturesH5Writer:
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(self.path))
         try:
-            self._file = h5py.File(tmp, "w", rdcc_nbytes=CACHE_BYTES)
+            # HDF5's own file lock would collide with the flock atomic_path holds on its temp file
+            # (that lock marks the temp as owned by a live writer; nobody else opens it).
+            self._file = h5py.File(tmp, "w", rdcc_nbytes=CACHE_BYTES, locking=False)
             rows = max(1, min(self.num_rows, CHUNK_BYTES // (4 * max(self.dim, 1))))
             self._chunk_rows = rows
             chunks = (rows, self.dim) if self.num_rows and self.dim else None

@@ -49,7 +49,7 @@ class RegionFeatureWriter:
         self._ctx = atomic_path(self.path)
         tmp = self._ctx.__enter__()
         try:
-            self._file = h5py.File(tmp, "w")
+            self._file = h5py.File(tmp, "w", locking=False)   # atomic_path holds the temp's flock
             self._create(self._file)
         except BaseException as exc:
             self._abort(exc)
