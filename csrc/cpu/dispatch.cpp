@@ -17,32 +17,29 @@ struct Variant {
   void (*jwth_pool)(const JwthPoolParams&);
   void (*linear_probe)(const LinearProbeParams&);
   void (*preprocess)(const PreprocessParams&);
+  bool (*runs_here)();
 };
+
+// One `<name>_runs_here()` per listed variant, from its test in isa_list.h.
+#if defined(__x86_64__) || defined(__i386__)
+#define JWTH_CPU_HAS(FEATURE) (__builtin_cpu_init(), __builtin_cpu_supports(FEATURE) != 0)
+#else
+#define JWTH_CPU_HAS(FEATURE) false
+#endif
+#define JWTH_CPU_RUNS_HERE(NS, FLAGS, TEST) \
+  [[maybe_unused]] bool NS##_runs_here() { return TEST; }
+JWTH_CPU_ISAS(JWTH_CPU_RUNS_HERE)
+#undef JWTH_CPU_RUNS_HERE
+#undef JWTH_CPU_HAS
 
 const std::vector<Variant>& variants() {
   static const std::vector<Variant> v = {
-      {"base", &base::jwth_pool, &base::linear_probe, &base::preprocess},
-#if defined(JWTH_HAVE_ISA_AVX2)
-      {"avx2", &avx2::jwth_pool, &avx2::linear_probe, &avx2::preprocess},
-#endif
-#if defined(JWTH_HAVE_ISA_AVX512)
-      {"avx512", &avx512::jwth_pool, &avx512::linear_probe, &avx512::preprocess},
-#endif
+#define JWTH_CPU_VARIANT(NS, FLAGS, TEST) \
+  JWTH_CPU_IF_BUILT(NS)({#NS, &NS::jwth_pool, &NS::linear_probe, &NS::preprocess, &NS##_runs_here},)
+      JWTH_CPU_ISAS(JWTH_CPU_VARIANT)
+#undef JWTH_CPU_VARIANT
   };
   return v;
-}
-
-bool cpu_supports(const std::string& name) {
-  if (name == "base") return true;
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (name == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-  return false;
 }
 
 int index_of(const std::string& name) {
@@ -55,13 +52,13 @@ int index_of(const std::string& name) {
 int best_variant() {
   if (const char* env = std::getenv("JWTH_CPU_ISA")) {
     const int i = index_of(env);
-    if (i >= 0 && cpu_supports(env)) return i;
+    if (i >= 0 && variants()[size_t(i)].runs_here()) return i;
     // An unusable override falls back to detection rather than failing every call; set_isa() is
     // the strict interface (it raises).
   }
   const auto& v = variants();
   for (int i = int(v.size()) - 1; i >= 0; --i)
-    if (cpu_supports(v[size_t(i)].name)) return i;
+    if (v[size_t(i)].runs_here()) return i;
   return 0;
 }
 
@@ -83,7 +80,7 @@ std::vector<std::string> compiled_isas() {
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   for (const auto& v : variants())
-    if (cpu_supports(v.name)) out.emplace_back(v.name);
+    if (v.runs_here()) out.emplace_back(v.name);
   return out;
 }
 
@@ -92,7 +89,7 @@ std::string current_isa() { return current().name; }
 void set_isa(const std::string& name) {
   const int i = index_of(name);
   if (i < 0) throw std::invalid_argument("isa: '" + name + "' was not compiled into this build");
-  if (!cpu_supports(name)) throw std::invalid_argument("isa: this CPU does not support '" + name + "'");
+  if (!variants()[size_t(i)].runs_here()) throw std::invalid_argument("isa: this CPU does not support '" + name + "'");
   selected().store(i);
 }
 
