@@ -6,11 +6,10 @@
 #include <string>
 
 #include "common.h"
+#include "cuda/cpt_list.h"  // kMaxDim, the largest D the token pass is instantiated for
 
 namespace jwth {
 namespace cuda {
-
-constexpr int64_t kMaxDim = 2048;  // largest D the token-pass kernel is instantiated for
 
 int device_count();           // 0 when there is no driver or no device; never throws
 std::string runtime_info();   // runtime and driver versions, compiled architectures
