@@ -13,7 +13,9 @@ import torch
 from jwth_engine.errors import ConfigError, MppError
 from jwth_engine.regions.encoder import EncoderConfig, RegionEncoder, load_region_encoder, save_region_encoder
 from jwth_engine.regions.mem import PretrainConfig, mem_loss, mem_mask, pretrain, slot_weights
-from jwth_engine.regions.mil import MilConfig, auroc, cross_validate, fold_standardisation, region_bags, train_abmil
+from jwth_engine.config import SlideTrainingConfig
+from jwth_engine.heads.fit_slide import MemoryBags, SlideRow, fit_bags
+from jwth_engine.regions.mil import region_bags
 from jwth_engine.regions.planning import RegionLayout, parse_magnifications, plan_regions, read_region_tiles
 from jwth_engine.slide import open_slide, resolve_mpp
 
@@ -183,33 +185,13 @@ def test_abmil_over_regions_learns_a_planted_slide_label():
         labels.append(label)
     torch.manual_seed(0)
     encoder = RegionEncoder(layout, EncoderConfig(in_dim=32)).eval()   # untrained: the head must find it
-    bags = region_bags(encoder, slides, "mean")
-    cfg = MilConfig(epochs=30, lr=1e-3, folds=4, seed=0)
-    oof, cv = cross_validate(bags, np.array(labels), 2, cfg)
-    assert cv["auroc"] >= 0.9 and cv["balanced_accuracy"] >= 0.8
-    # Folding the input standardisation into the head changes nothing but where it happens.
-    head = train_abmil(bags[:8], np.array(labels[:8]), 2, MilConfig(epochs=2))
-    assert head(bags[0]).logits.shape == (2,)
-
-
-def test_fold_standardisation_is_exact():
-    from jwth_engine.heads.mil import GatedABMIL
-
-    torch.manual_seed(0)
-    head = GatedABMIL(12, 3, hidden=8).eval()
-    bag = torch.randn(9, 12) * 4 + 2
-    mean, std = bag.mean(0), bag.std(0)
-    expected = head((bag - mean) / std).logits
-    folded = fold_standardisation(head, mean, std)
-    assert torch.allclose(folded(bag).logits, expected, atol=1e-5)
-
-
-def test_auroc_matches_pair_counting():
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 5, 40).astype(float)   # many ties
-    positive = rng.random(40) < 0.4
-    pairs = [(p > n) + 0.5 * (p == n) for p in scores[positive] for n in scores[~positive]]
-    assert auroc(scores, positive) == pytest.approx(np.mean(pairs))
+    bags = MemoryBags(region_bags(encoder, slides, "mean"), {"feature_kind": "region_mean"})
+    rows = [SlideRow(f"s{i}", ("neg", "pos")[y], None, f"p{i}") for i, y in enumerate(labels)]
+    cfg = SlideTrainingConfig(epochs=30, patience=30, lr=1e-3, folds=4, seed=0)
+    result = fit_bags(rows, bags, cfg, manifest="planted", features_dir="memory")
+    cv = result.report["cross_validated"]
+    assert cv["n"] == 24 and cv["auroc"] >= 0.9 and cv["balanced_accuracy"] >= 0.8
+    assert result.meta.feature_kind == "region_mean" and result.meta.dim == encoder.cfg.dim
 
 
 # --- command line: the whole path on a real slide, and bad input -------------------------------------
@@ -265,3 +247,60 @@ def test_bad_input_is_one_line_and_exit_2(cli_cmd, cmu_small, tmp_path):
     assert proc.returncode == 2
     assert "mixed region layouts" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "enc.safetensors").exists()
+
+
+def _region_file(path, layout, feats):
+    with h5py.File(path, "w") as f:
+        f["features"] = feats
+        f["coords"] = np.zeros((*feats.shape[:2], 2), np.int64)
+        f["magnification"], f["position"] = layout.slots()[:2]
+        f.attrs["layout"] = __import__("json").dumps(layout.to_dict())
+
+
+def test_fit_slide_head_regions_beside_the_20x_tiles(cli_cmd, tmp_path):
+    """`fit-slide-head --regions`: the region head is saved, reported beside the 20x-tile head of the
+    same slides; missing encoder, mismatched encoder and missing slides are one line, exit 2."""
+    import json
+
+    from jwth_engine.heads.slide_io import load_slide_head
+
+    layout = RegionLayout(MAGS, 1, 224)
+    folder = tmp_path / "regions"
+    folder.mkdir()
+    lines = ["slide_id,label"]
+    for s in range(8):
+        _region_file(folder / f"s{s}.h5", layout, _planted(4 + s % 3, layout, seed=200 + s).numpy())
+        lines.append(f"s{s},{'ab'[s % 2]}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    save_region_encoder(RegionEncoder(layout, EncoderConfig(in_dim=32)), tmp_path / "enc.safetensors")
+    head = tmp_path / "head.safetensors"
+    base = ["fit-slide-head", manifest, "--features", folder, "-o", head, "--regions", "--epochs", "3"]
+    proc = _run(cli_cmd, *base, "--region-encoder", tmp_path / "enc.safetensors", "--embedding", "cls", "--folds", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "slide head over regions_cls, 8 slides" in proc.stdout
+    assert "slide head over tiles_20x, 8 slides" in proc.stdout
+    report = json.loads((tmp_path / "head.report.json").read_text())
+    assert report["bags"] == "regions_cls" and report["cross_validated"]["n"] == 8
+    assert report["baseline"]["bags"] == "tiles_20x" and report["baseline"]["cross_validated"]["n"] == 8
+    assert report["baseline"]["instances_per_slide"] == {"min": 16 * 4, "median": 16 * 5.0, "max": 16 * 6}
+    loaded = load_slide_head(head)
+    assert loaded.meta.kind == "abmil" and loaded.sha256 == report["sha256"]
+    meta = loaded.meta
+    assert meta.feature_kind == "region_cls" and meta.dim == 64
+    assert (tmp_path / "head.predictions.csv").read_text().count("\n") == 9
+
+    def refused(*extra):
+        out = tmp_path / "refused.safetensors"
+        proc = _run(cli_cmd, *base[:5], out, *base[6:], *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert not out.exists() and not (tmp_path / "refused.report.json").exists()
+        return proc.stderr.strip().splitlines()[-1]
+
+    assert "--regions needs --region-encoder" in refused()
+    save_region_encoder(RegionEncoder(layout, EncoderConfig(in_dim=16)), tmp_path / "enc16.safetensors")
+    assert "encoder was trained on 5x/10x/20x r=1 tile=224 L=21 D=16" in refused("--region-encoder",
+                                                                                 tmp_path / "enc16.safetensors")
+    (folder / "s7.h5").unlink()
+    assert "no region features for 1 slide(s)" in refused("--region-encoder", tmp_path / "enc.safetensors")

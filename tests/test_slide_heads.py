@@ -172,3 +172,31 @@ def test_output_unpacks_as_logits_and_attention():
     logits, attention = head(torch.randn(5, 8))
     assert logits.shape == (2,) and attention.shape == (5,)
     assert head(torch.randn(5, 8)).embedding.shape == (8,)
+
+
+def test_in_memory_bags_train_exactly_like_feature_files(tmp_path):
+    """fit-slide-head --regions trains in-memory bags (heads/fit_slide.MemoryBags) through the same
+    split/train/report code as feature files: the same bags give the same head and report."""
+    from jwth_engine.config import SlideTrainingConfig
+    from jwth_engine.heads.fit_slide import MemoryBags, fit_bags, fit_slide_head, read_slide_manifest
+    from jwth_engine.outputs.features_h5 import write_features_h5
+
+    rng = np.random.default_rng(0)
+    bags, lines = [], ["slide_id,label"]
+    for i in range(10):
+        bag = rng.normal(size=(int(rng.integers(3, 9)), 12)).astype(np.float32) + (i % 2)
+        bags.append(torch.from_numpy(bag))
+        write_features_h5(tmp_path / f"s{i}.h5", bag, np.zeros((len(bag), 2), np.int64),
+                          {"encoder": "e", "feature_kind": "cls", "encoder_weights_hash": "h"})
+        lines.append(f"s{i},{'ab'[i % 2]}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    cfg = SlideTrainingConfig(epochs=4, folds=2, seed=1)
+    from_files = fit_slide_head(manifest, tmp_path, cfg)
+    in_memory = fit_bags(read_slide_manifest(manifest), MemoryBags(bags, {"feature_kind": "cls"}), cfg,
+                         manifest=manifest, features_dir=tmp_path)
+    assert from_files.report["cross_validated"] == in_memory.report["cross_validated"]
+    assert from_files.predictions == in_memory.predictions
+    for a, b in zip(from_files.module.state_dict().values(), in_memory.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert in_memory.report["instances_per_slide"] == from_files.report["instances_per_slide"]

@@ -208,10 +208,12 @@ def test_tcga_jp2k_needs_mpp(tcga_jp2k):
         with pytest.raises(MppError) as err:
             resolve_mpp(info, None)
         line = one_line(err.value)
-        assert "--mpp" in line and str(tcga_jp2k) in line
+        # The API names the setting (`mpp`); the CLI names its flag.
+        assert "pass mpp" in line and "--mpp" not in line and str(tcga_jp2k) in line
+        assert err.value.field == "mpp" and "pass --mpp (e.g. --mpp 0.25" in err.value.cli_message("--mpp")
         assert resolve_mpp(info, 0.25) == 0.25
         for bad in (0.0, -1.0, 100.0, float("nan")):
-            with pytest.raises(MppError, match="--mpp"):
+            with pytest.raises(MppError, match=r"\bmpp .* outside the plausible range"):
                 resolve_mpp(info, bad)
 
 
@@ -341,7 +343,7 @@ print(json.dumps({{"probe_ok": probe.ok, "signal": probe.signal, "spawned": [spa
     assert info["compression"] == "deflate" and info["level_count"] == 4
     assert out["region"] == [64, 64, 3] and out["override"] == 0.5
     line = out["mpp_error"]
-    assert line and "--mpp" in line and "boxes.tiff" in line and "352" in line and "\n" not in line
+    assert line and "pass mpp" in line and "boxes.tiff" in line and "352" in line and "\n" not in line
 
 
 def test_boxes_tiff_forced_cucim_is_a_clean_error(fixtures_dir):

@@ -209,6 +209,16 @@ class SlideTrainingConfig(_Group):
     seed: int = setting(0, help="Seed of initialisation, shuffling and splits.")
     cache_gb: float = setting(8.0, min=0.0, help="Keep the bags in memory when they fit in this much; "
                                                  "else read each bag when needed.")
+    regions: bool = setting(False, help="Bags of region embeddings (region HDF5 from embed-regions, encoded by "
+                                        "--region-encoder), reported beside the same head on the tiles of "
+                                        "--baseline-magnification alone.")
+    region_encoder: str | None = setting(None, kind=str, path=True, metavar="ENC.safetensors",
+                                         help="Region encoder from pretrain-regions (--regions).")
+    embedding: str = setting("mean", choices=("mean", "cls"),
+                             help="Region embedding (--regions): mean of the contextualised tiles, or the "
+                                  "compressed class token.")
+    baseline_magnification: float = setting(20.0, min=0.0, min_exclusive=True,
+                                            help="Magnification whose tiles alone form the baseline bags (--regions).")
 
 
 GROUPS: dict[str, type] = {"model": ModelConfig, "runtime": RuntimeConfig, "tiling": TilingConfig,

@@ -29,20 +29,23 @@ class JwthError(Exception):
         """The message with the setting's name replaced by its command-line flag."""
         if not self.field:
             return str(self)
-        return re.sub(rf"(?<![\w-]){re.escape(self.field)}\b", flag, str(self), count=1)
+        return re.sub(rf"(?<![\w-]){re.escape(self.field)}\b", flag, str(self))
 
 
 class SlideError(JwthError):
     """The slide file cannot be opened or read; the message starts with the path."""
 
-    def __init__(self, path: str | os.PathLike, problem: str):
+    def __init__(self, path: str | os.PathLike, problem: str, *, field: str | None = None):
         self.path = os.fspath(path)
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(f"{self.path}: {problem}", field=field)
 
 
 class MppError(SlideError):
-    """The slide's microns-per-pixel is missing or implausible; the fix is `--mpp`."""
+    """The slide's microns-per-pixel is missing or implausible; the fix is the `mpp` setting."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        super().__init__(path, problem, field="mpp")
 
 
 class ModelError(JwthError):

@@ -47,13 +47,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _register() -> None:
-    from . import (bench, doctor, embed, embed_regions, export, fit_head, fit_region_head, fit_slide_head, heatmap,
+    from . import (bench, doctor, embed, embed_regions, export, fit_head, fit_slide_head, heatmap,
                    info, pretrain_regions, score, screen)
 
     for command in (info.info, score.score, doctor.doctor, export.export_onnx, export.build_engine,
                     *bench.commands, *screen.commands, *fit_head.commands, *embed.commands,
                     *fit_slide_head.commands, *embed_regions.commands, *pretrain_regions.commands,
-                    *fit_region_head.commands, *heatmap.commands):
+                    *heatmap.commands):
         cli.add_command(command)
 
 

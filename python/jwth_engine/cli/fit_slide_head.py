@@ -1,4 +1,5 @@
-"""`jwth-engine fit-slide-head MANIFEST --features DIR --head abmil|wsc|mean|max -o HEAD`."""
+"""`jwth-engine fit-slide-head MANIFEST --features DIR --head abmil|wsc|mean|max -o HEAD`; with
+`--regions --region-encoder ENC`, over region embeddings beside the tiles of one magnification."""
 
 from __future__ import annotations
 
@@ -19,15 +20,21 @@ from .options import config_options, pop_settings
 @config_options(SlideTrainingConfig)
 @click.option("--json", "print_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def fit_slide_head(manifest, features_dir, out_path, print_json, **settings):
-    """Train a slide head on bags of tile features (MANIFEST: slide_id,label[,split,patient])."""
+    """Train a slide head on bags of tile features (MANIFEST: slide_id,label[,split,patient]); with
+    --regions, on bags of region embeddings, reported beside the same head on one magnification's tiles."""
     from pathlib import Path
 
     from ..heads.fit_slide import fit_slide_head as fit
     from ..heads.slide_io import save_slide_head
     from ..outputs.atomic import atomic_write_bytes
+    from ..regions.mil import fit_region_heads
 
     cfg = SlideTrainingConfig(**pop_settings(settings, SlideTrainingConfig))
-    result = fit(manifest, features_dir, cfg, log=lambda msg: click.echo(msg, err=True))
+    log = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if cfg.regions:
+        result, baseline = fit_region_heads(manifest, features_dir, cfg, log=log)
+    else:
+        result, baseline = fit(manifest, features_dir, cfg, log=log), None
     report = result.report
     report["sha256"] = save_slide_head(result.module, result.meta, out_path)
     stem = str(Path(out_path).with_suffix(""))
@@ -39,6 +46,9 @@ def fit_slide_head(manifest, features_dir, out_path, print_json, **settings):
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(render_report(report))
+    if baseline is not None:
+        click.echo(f"beside it, the same head on {baseline.report['bags']} of the same slides (same splits, seed):")
+        click.echo(render_report(baseline.report))
     click.echo(f"wrote {out_path}, {stem}.report.json, {stem}.predictions.csv")
 
 
@@ -49,7 +59,8 @@ def _csv_cell(value) -> str:
 
 def render_report(report: dict) -> str:
     classes = report["classes"]
-    out = [f"{report['kind']} slide head, {report['num_slides']} slides ({report['num_patients']} patients), "
+    bags = f" over {report['bags']}" if "bags" in report else ""
+    out = [f"{report['kind']} slide head{bags}, {report['num_slides']} slides ({report['num_patients']} patients), "
            f"classes {', '.join(classes)}",
            f"selection: {report['selection']}; chosen epoch {report['chosen_epoch']} of {report['epochs_run']} run"]
     sets = [(s, report[s]) for s in ("train", "val", "test", "cross_validated") if s in report]

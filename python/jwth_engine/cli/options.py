@@ -19,6 +19,8 @@ def _option(f):
     if meta["negate_flag"]:
         # A None default ("let the backend decide") that the user can only turn off.
         return click.option(meta["negate_flag"], f"no_{f.name}", is_flag=True, help=meta["help"])
+    if meta["kind"] is bool and f.default is False:
+        return click.option(flag_of(f.name), f.name, is_flag=True, help=meta["help"] or None)
     if meta["choices"] is not None:
         kind = click.Choice(list(meta["choices"]))
     elif meta["path"]:

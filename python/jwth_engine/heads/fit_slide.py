@@ -128,6 +128,24 @@ class BagStore:
         return bag
 
 
+class MemoryBags:
+    """Bags built in memory (region embeddings, tile subsets of region files), with the same surface
+    as BagStore so they train, validate and report through the same code."""
+
+    def __init__(self, bags: list[torch.Tensor], attrs: dict):
+        self.bags = [b.float().contiguous() for b in bags]
+        self.dim = int(self.bags[0].shape[1])
+        self.attrs = [attrs] * len(self.bags)
+        self.sizes = [len(b) * self.dim * 4 for b in self.bags]
+        self.cached = True
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.bags[i]
+
+
 def _stratified_patients(rows: list[SlideRow], idx: np.ndarray, rng: np.random.Generator) -> dict[str, list[str]]:
     """class label -> shuffled patients (a patient's class: its first slide's label)."""
     by_class: dict[str, list[str]] = {}
@@ -261,6 +279,13 @@ def fit_slide_head(manifest: str | os.PathLike, features_dir: str | os.PathLike,
                    log: Callable[[str], None] = lambda _: None) -> FitResult:
     rows = read_slide_manifest(manifest)
     store = BagStore(features_dir, rows, manifest=str(manifest), cache_bytes=int(cfg.cache_gb * 2**30))
+    return fit_bags(rows, store, cfg, manifest=manifest, features_dir=features_dir, log=log)
+
+
+def fit_bags(rows: list[SlideRow], store: BagStore | MemoryBags, cfg: SlideTrainingConfig, *,
+             manifest: str | os.PathLike, features_dir: str | os.PathLike,
+             log: Callable[[str], None] = lambda _: None) -> FitResult:
+    """Split, train, choose and report one head on the bags of `rows` (store.get(i) is row i's bag)."""
     folds, val_fraction = cfg.folds, cfg.val_fraction
     classes = sorted({r.label for r in rows})
     y = np.array([classes.index(r.label) for r in rows])
@@ -275,7 +300,7 @@ def fit_slide_head(manifest: str | os.PathLike, features_dir: str | os.PathLike,
     report: dict = {"kind": cfg.head, "classes": classes, "num_slides": len(rows),
                     "num_patients": len({r.patient for r in rows}), "config": cfg.to_dict(),
                     "features_dir": str(features_dir), "manifest": str(manifest),
-                    "bags_in_memory": store.cached, "tiles_per_slide": _spread([s // (4 * store.dim) for s in store.sizes])}
+                    "bags_in_memory": store.cached, "instances_per_slide": _spread([s // (4 * store.dim) for s in store.sizes])}
 
     if folds:
         fold_of = assign_folds(rows, pool, folds, cfg.seed)

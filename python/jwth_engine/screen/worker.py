@@ -30,6 +30,7 @@ import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from ..config import flag_of
 from ..errors import DiskFull, JwthError
 from ..lifetime import die_with_parent
 from ..outputs.atomic import is_disk_full
@@ -218,7 +219,7 @@ def _failure(exc: BaseException, seconds: float) -> Failure:
     if isinstance(exc, DiskFull) or is_disk_full(exc):
         return Failure(DISK_FULL, str(exc) if isinstance(exc, JwthError) else f"{type(exc).__name__}: {exc}", seconds)
     if isinstance(exc, JwthError):
-        return Failure(ERROR, str(exc), seconds)
+        return Failure(ERROR, _user_line(exc), seconds)
     return Failure(EXCEPTION, f"{type(exc).__name__}: {exc}", seconds, traceback.format_exc())
 
 
@@ -229,7 +230,7 @@ def serve(conn: Connection) -> int:
     try:
         job = load_job(hello.job or DEFAULT_JOB, hello.options)
     except JwthError as exc:
-        conn.send(InitFailed(ERROR, str(exc)))
+        conn.send(InitFailed(ERROR, _user_line(exc)))
         return 1
     except Exception as exc:  # reported to the driver, which stops the run with this message
         conn.send(InitFailed(EXCEPTION, f"{type(exc).__name__}: {exc}"))
@@ -302,3 +303,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _user_line(exc: JwthError) -> str:
+    """A failure as the person running `screen` reads it: settings named by their flags."""
+    return exc.cli_message(flag_of(exc.field)) if exc.field else str(exc)

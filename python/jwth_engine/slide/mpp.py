@@ -78,21 +78,21 @@ def _check_range(value: float) -> bool:
 def resolve_mpp(info, override: float | None) -> float:
     """The level-0 µm/px to use: `override` if given, else the slide's own, each range-checked.
 
-    `info` is a SlideInfo. Raises MppError (one line naming `--mpp`) when there is no usable value.
+    `info` is a SlideInfo. Raises MppError (one line naming the `mpp` setting, `--mpp` on the command line) when there is no usable value.
     """
     if override is not None:
         override = float(override)
         if not _check_range(override):
-            raise MppError(info.path, f"--mpp {override:g} is outside the plausible range "
+            raise MppError(info.path, f"mpp {override:g} is outside the plausible range "
                                       f"{MPP_MIN:g}-{MPP_MAX:g} µm/px")
         return override
     if info.mpp is None:
         raise MppError(info.path, "the slide has no microns-per-pixel (MPP) in its metadata; "
-                                  "pass --mpp (e.g. --mpp 0.25 for a 40x scan, --mpp 0.5 for 20x)")
+                                  "pass mpp (e.g. mpp 0.25 for a 40x scan, mpp 0.5 for 20x)")
     mpp_x, mpp_y = info.mpp
     for value in (mpp_x, mpp_y):
         if not _check_range(value):
             raise MppError(info.path, f"implausible MPP {value:.4g} µm/px from {info.mpp_source} "
-                                      f"(expected {MPP_MIN:g}-{MPP_MAX:g}); pass --mpp with the real value")
+                                      f"(expected {MPP_MIN:g}-{MPP_MAX:g}); pass mpp with the real value")
     # Tiles are square in level pixels; non-square pixels (rare) are scored at their mean size.
     return (mpp_x + mpp_y) / 2.0
