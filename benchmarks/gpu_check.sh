@@ -96,7 +96,11 @@ OUT="$(cd "$OUT" && pwd)"
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
 START=$SECONDS
-export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+# The source tree is imported when it holds (or, in a real run, will hold) the in-place build; a
+# dry run next to an installed package without an in-place build (CI) uses the installed package.
+if [[ "$MODE" != dry-run ]] || compgen -G "$REPO/python/jwth_engine/_C*.so" > /dev/null; then
+  export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export PYTHONUNBUFFERED=1
 if [[ -z "${JWTH_TEST_DATA:-}" ]]; then
   if [[ -d "$REPO/.gpu_data/wsi" ]]; then JWTH_TEST_DATA="$REPO/.gpu_data"; else JWTH_TEST_DATA="$REPO/../shared/data"; fi
