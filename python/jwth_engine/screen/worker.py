@@ -215,6 +215,12 @@ class _LookAhead:
             job.discard(self.prepared)
 
 
+
+def _user_line(exc: JwthError) -> str:
+    """A failure as the person running `screen` reads it: settings named by their flags."""
+    return exc.cli_message(flag_of(exc.field)) if exc.field else str(exc)
+
+
 def _failure(exc: BaseException, seconds: float) -> Failure:
     if isinstance(exc, DiskFull) or is_disk_full(exc):
         return Failure(DISK_FULL, str(exc) if isinstance(exc, JwthError) else f"{type(exc).__name__}: {exc}", seconds)
@@ -303,8 +309,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _user_line(exc: JwthError) -> str:
-    """A failure as the person running `screen` reads it: settings named by their flags."""
-    return exc.cli_message(flag_of(exc.field)) if exc.field else str(exc)
