@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from jwth_engine.runtime import cpu_model  # one machine probe (runtime.py)
+
 REPO = Path(__file__).resolve().parents[1]
 _DISTS = ("jwth-engine", "torch", "timm", "numpy", "onnxruntime", "cucim-cu13", "cucim-cu12", "openslide-python",
           "openslide-bin", "ray")
@@ -43,17 +45,6 @@ def git_state(repo: Path = REPO) -> dict:
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None,
             "branch": git("rev-parse", "--abbrev-ref", "HEAD")}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average() -> list[float] | None:

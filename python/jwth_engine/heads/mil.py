@@ -144,14 +144,18 @@ class WSCReducer(_SlideHead):
         return SlideHeadOutput(self.classifier(self.dropout(z)), weights.mean(1), z)
 
 
-class MeanPool(_SlideHead):
-    kind = "mean"
+class _PoolingBaseline(_SlideHead):
+    """A parameter-free reduction of the bag followed by a linear classifier (the MIL baselines)."""
 
     def __init__(self, dim: int, num_classes: int, dropout: float = 0.0):
         super().__init__(dim)
         self.dim, self.num_classes = dim, num_classes
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(dim, num_classes)
+
+
+class MeanPool(_PoolingBaseline):
+    kind = "mean"
 
     def forward(self, bag: torch.Tensor) -> SlideHeadOutput:
         _check_bag(bag, self.dim)
@@ -161,14 +165,8 @@ class MeanPool(_SlideHead):
         return SlideHeadOutput(self.classifier(self.dropout(z)), bag.new_full((n,), 1.0 / n), z)
 
 
-class MaxPool(_SlideHead):
+class MaxPool(_PoolingBaseline):
     kind = "max"
-
-    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0):
-        super().__init__(dim)
-        self.dim, self.num_classes = dim, num_classes
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(dim, num_classes)
 
     def forward(self, bag: torch.Tensor) -> SlideHeadOutput:
         _check_bag(bag, self.dim)
