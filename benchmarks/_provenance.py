@@ -141,3 +141,8 @@ def dry_run_exit(args) -> None:
         shown = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "dry_run"}
         print(f"dry run: {Path(sys.argv[0]).name} {json.dumps(shown, default=str)}")
         raise SystemExit(0)
+
+
+def log(message: str) -> None:
+    """Progress lines go to stderr, so that stdout stays the result."""
+    print(message, file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _provenance import add_dry_run, dry_run_exit, finish, provenance, spread, verdict, write_result  # noqa: E402
+from _provenance import add_dry_run, dry_run_exit, finish, log, provenance, spread, verdict, write_result  # noqa: E402
 from bench_pipeline import DATA, MIN_BATCHES, bench, child_env, cli, run_measured  # noqa: E402
 
 GOAL_PER_CORE_40X = 250.0
@@ -124,9 +124,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dry_run_exit(args)
     prov = provenance(argv)
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     report: dict = {"benchmark": "feed", "provenance": prov,
                     "statistic": "median of --repeats passes with min/max (per core = tiles/s / usable cores)",

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DATA = Path(os.environ.get("JWTH_TEST_DATA", REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(HERE))
-from _provenance import add_dry_run, dry_run_exit, finish, provenance, spread, verdict, write_result  # noqa: E402
+from _provenance import add_dry_run, dry_run_exit, finish, log, provenance, spread, verdict, write_result  # noqa: E402
 
 GOAL_EFFICIENCY = 0.95
 GOAL_DECODE = 3.0
@@ -193,9 +193,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dry_run_exit(args)
     prov = provenance(argv)
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = large_suite(args, log) if args.large else pipeline_suite(args, log)
     default = "large_slide_cpu.json" if args.large else "pipeline_cpu.json"

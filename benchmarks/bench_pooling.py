@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _provenance import add_dry_run, dry_run_exit, finish, provenance, write_result  # noqa: E402
+from _provenance import add_dry_run, dry_run_exit, finish, log, provenance, write_result  # noqa: E402
 from bench_pipeline import DATA, bench, child_env  # noqa: E402
 
 
@@ -29,9 +29,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dry_run_exit(args)
     prov = provenance(argv)
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
 
     result = bench(args.slide, ["--model", args.model, "--device", args.device, "--pooling", "both", "--batch-size",
                                 str(args.batch_size), "--repeats", str(args.repeats), *args.extra], child_env(), log)

@@ -21,25 +21,10 @@ from jwth_engine.heads.slide_io import save_slide_head
 from jwth_engine.outputs.features_h5 import write_features_h5
 from jwth_engine.scoring import score_slide
 
+from _peer_readers import clam_read, trident_read
+
 MODEL = "test_tiny_patch14_reg4"
 OPTS = dict(model=MODEL, device="cpu", backend="torch", precision="fp32", batch_size=16, seed=0)
-
-
-def trident_read(path):
-    """TRIDENT mahmoodlab/TRIDENT@a91fa84 trident/wsi_objects/WSI.py:1103-1105."""
-    with h5py.File(path, "r") as f:
-        coords = f["coords"][:]
-        patch_features = f["features"][:]
-        coords_attrs = dict(f["coords"].attrs)
-    return coords, patch_features, coords_attrs
-
-
-def clam_read(path):
-    """CLAM mahmoodlab/CLAM@53e2409 dataset_modules/dataset_generic.py:347-349."""
-    with h5py.File(path, "r") as hdf5_file:
-        features = hdf5_file["features"][:]
-        coords = hdf5_file["coords"][:]
-    return torch.from_numpy(features), coords
 
 
 @pytest.fixture(autouse=True)

@@ -10,26 +10,11 @@ from jwth_engine.errors import ConfigError
 from jwth_engine.outputs.atomic import TMP_PREFIX
 from jwth_engine.outputs.features_h5 import FeaturesH5Writer, read_features_h5, write_features_h5
 
+from _peer_readers import clam_read, trident_read
+
 ATTRS = {"patch_size": 224, "patch_size_level0": 448, "level0_magnification": 40.0,
          "target_magnification": 20.0, "overlap": 0, "name": "slide-a", "level0_width": 2220,
          "level0_height": 2967, "encoder": "test_tiny_patch14_reg4", "provenance": {"a": 1}, "missing": None}
-
-
-def trident_read(path):
-    """TRIDENT's reading lines (trident/wsi_objects/WSI.py:1103-1105 @ a91fa84), verbatim in effect."""
-    with h5py.File(path, "r") as f:
-        coords = f["coords"][:]
-        patch_features = f["features"][:]
-        coords_attrs = dict(f["coords"].attrs)
-    return coords, patch_features, coords_attrs
-
-
-def clam_read(path):
-    """CLAM's MIL dataset (dataset_modules/dataset_generic.py:347-349 @ 53e2409)."""
-    with h5py.File(path, "r") as hdf5_file:
-        features = hdf5_file["features"][:]
-        coords = hdf5_file["coords"][:]
-    return features, coords
 
 
 def _data(n=1000, d=96, seed=0):
@@ -47,7 +32,7 @@ def test_layout_reads_with_trident_and_clam(tmp_path):
     assert attrs["patch_size_level0"] == 448 and attrs["name"] == "slide-a"
     assert attrs["encoder"] == "test_tiny_patch14_reg4" and attrs["missing"] == "None"
     f2, c2 = clam_read(path)
-    np.testing.assert_array_equal(f2, feats)
+    np.testing.assert_array_equal(f2.numpy(), feats)
     np.testing.assert_array_equal(c2, coords)
     with h5py.File(path, "r") as fh:  # TRIDENT puts name/encoder on `features` as well (WSI.py:1033)
         assert fh["features"].attrs["encoder"] == "test_tiny_patch14_reg4"
@@ -106,5 +91,5 @@ def test_partial_edge_chunk_and_chunk_straddling_batches(tmp_path):
     with h5py.File(tmp_path / "s.h5", "r") as fh:
         assert fh["features"].chunks == (2730, 96)
     f2, c2 = clam_read(tmp_path / "s.h5")
-    np.testing.assert_array_equal(f2, feats)
+    np.testing.assert_array_equal(f2.numpy(), feats)
     np.testing.assert_array_equal(c2, coords)
