@@ -8,8 +8,12 @@ Embedding (per slide, `--rounds` interleaved passes, median/min/max of each):
     head, the cheapest one) - the baseline;
   * `regions`: the region path (tissue, region plan, one block read per region and pyramid level,
     area resampling, the same backbone on every tile of every kept region).
-Both start from an opened slide and include tissue detection and planning; the backbone and its
-backend are identical. Reported: tiles embedded, level pixels decoded, wall time, and the ratios.
+  * `regions_20x`: the region path on the same regions at 20x alone (`--magnifications 20
+    --region-tiles 4r`: the same region boxes, 16 r^2 tiles each) - the baseline the goal names
+    ("the tile count ratio is 21/16"): it isolates what the two extra magnifications cost.
+All start from an opened slide and include tissue detection and planning; the backbone and its
+backend are identical. Reported: tiles embedded, level pixels decoded, wall time, and the ratios
+against both baselines; the goal (<= 1.4x) is judged against `regions_20x`.
 
 Region encoder: the default RegionEncoder, inference only (`region_embedding`, class token and mean),
 on one CPU thread, r = 2 (L = 84), batches of 256 regions, for the backbone dims of ViT-S (384) and
@@ -97,36 +101,57 @@ def embedding_suite(args, log) -> list[dict]:
         entry = {"slide": path, "mpp": mpp, "runs": {}}
         for r in args.region_tiles:
             layout = RegionLayout((5.0, 10.0, 20.0), r, 224)
-            base, reg = [], []
+            layout20 = RegionLayout((20.0,), 4 * r, 224)                  # the same region boxes
+            base, reg20, reg = [], [], []
             bench_baseline(scorer, path, mpp)                     # warm-up: caches, allocator, threads
+            bench_regions(stage, path, mpp, layout20, args.batch_size, args.workers, args.min_tissue)
             bench_regions(stage, path, mpp, layout, args.batch_size, args.workers, args.min_tissue)
-            for i in range(args.rounds):                          # interleaved, so drift hits both
+            for i in range(args.rounds):                          # interleaved, so drift hits all three
                 base.append(bench_baseline(scorer, path, mpp))
+                reg20.append(bench_regions(stage, path, mpp, layout20, args.batch_size, args.workers, args.min_tissue))
                 reg.append(bench_regions(stage, path, mpp, layout, args.batch_size, args.workers, args.min_tissue))
-                log(f"{Path(path).name} r={r} round {i + 1}: 20x {base[-1]['wall_s']:.2f}s "
-                    f"({base[-1]['tiles']} tiles), regions {reg[-1]['wall_s']:.2f}s ({reg[-1]['tiles']} tiles)")
-            ratio = [b["wall_s"] and g["wall_s"] / b["wall_s"] for b, g in zip(base, reg)]
+                log(f"{Path(path).name} r={r} round {i + 1}: 20x grid {base[-1]['wall_s']:.2f}s "
+                    f"({base[-1]['tiles']} tiles), 20x regions {reg20[-1]['wall_s']:.2f}s ({reg20[-1]['tiles']} tiles), "
+                    f"5/10/20x regions {reg[-1]['wall_s']:.2f}s ({reg[-1]['tiles']} tiles)")
+            if reg20[0]["regions"] != reg[0]["regions"]:
+                raise SystemExit(f"{path}: 20x-only and 5/10/20x plans keep different regions "
+                                 f"({reg20[0]['regions']} vs {reg[0]['regions']}); the comparison would be unfair")
+
+            def versus(baseline: list[dict]) -> dict:
+                per_round = [b["wall_s"] and g["wall_s"] / b["wall_s"] for b, g in zip(baseline, reg)]
+                return {"tiles": round(reg[0]["tiles"] / max(1, baseline[0]["tiles"]), 3),
+                        "decoded_px": round(reg[0]["decoded_px"] / max(1, baseline[0]["decoded_px"]), 3),
+                        "wall_time_per_round": stats(per_round)}
+
+            def measured(runs: list[dict]) -> dict:
+                return {"tiles": runs[0]["tiles"], "decoded_px": runs[0]["decoded_px"],
+                        "wall_s": stats([g["wall_s"] for g in runs])}
+
+            same_regions = versus(reg20)
             entry["runs"][f"r{r}"] = {
                 "layout": layout.to_dict(), "regions": reg[0]["regions"],
-                "tiles_20x": {"tiles": base[0]["tiles"], "decoded_px": base[0]["decoded_px"],
-                              "wall_s": stats([b["wall_s"] for b in base])},
-                "regions_5_10_20": {"tiles": reg[0]["tiles"], "decoded_px": reg[0]["decoded_px"],
-                                    "wall_s": stats([g["wall_s"] for g in reg])},
-                "ratio": {"tiles": round(reg[0]["tiles"] / max(1, base[0]["tiles"]), 3),
-                          "decoded_px": round(reg[0]["decoded_px"] / max(1, base[0]["decoded_px"]), 3),
-                          "wall_time_per_round": stats(ratio)},
+                "tiles_20x": measured(base), "regions_20x": measured(reg20), "regions_5_10_20": measured(reg),
+                "ratio_vs_regions_20x": same_regions,
+                "ratio_vs_tiles_20x": versus(base),
                 "goal_wall_ratio_le": 1.4,
-                "goal_met": statistics.median(ratio) <= 1.4,
+                "goal_baseline": "regions_20x (the same regions at 20x alone)",
+                "goal_met": same_regions["wall_time_per_round"]["median"] <= 1.4,
+                # A goal is settled only when every round agrees with the median's verdict.
+                "goal_resolvable": (same_regions["wall_time_per_round"]["max"] <= 1.4
+                                    or same_regions["wall_time_per_round"]["min"] > 1.4),
             }
         out.append(entry)
     return out
 
 
-def encoder_flops(L: int, in_dim: int, cfg) -> int:
-    """Multiply-adds x 2 of one region's forward (projection, attention and MLP blocks, class token included)."""
-    n, d = L + 1, cfg.dim
-    per_layer = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * int(d * cfg.mlp_ratio)
-    return 2 * L * in_dim * d + cfg.depth * per_layer
+def encoder_flops(L: int, in_dim: int, cfg, kind: str = "mean") -> int:
+    """Multiply-adds x 2 of one region's forward (projection, attention and MLP blocks, class token
+    included). For "cls" the last block runs at the class token only (keys and values of every slot,
+    query, attention output and MLP of one row: RegionEncoder.class_token)."""
+    n, d, hidden = L + 1, cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+    per_layer = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * hidden
+    last = per_layer if kind == "mean" else 2 * n * d * 2 * d + 2 * d * d + 2 * 2 * n * d + 2 * d * d + 2 * 2 * d * hidden
+    return 2 * L * in_dim * d + (cfg.depth - 1) * per_layer + last
 
 
 def encoder_suite(args, log) -> list[dict]:
@@ -140,8 +165,7 @@ def encoder_suite(args, log) -> list[dict]:
     for in_dim, overrides in configs:
         torch.manual_seed(0)
         model = RegionEncoder(layout, EncoderConfig(in_dim=in_dim, **overrides)).eval()
-        flops = encoder_flops(layout.length, in_dim, model.cfg)
-        x = torch.randn(args.encoder_regions, layout.length, in_dim)
+                x = torch.randn(args.encoder_regions, layout.length, in_dim)
         for precision in ("fp32", "bf16"):
             for kind in ("cls", "mean"):
                 def run():
@@ -154,6 +178,7 @@ def encoder_suite(args, log) -> list[dict]:
                     t = time.perf_counter()
                     run()
                     rates.append(len(x) / (time.perf_counter() - t))
+                flops = encoder_flops(layout.length, in_dim, model.cfg, kind)
                 item = {"in_dim": in_dim, "precision": precision, "embedding": kind,
                         "encoder": {"dim": model.cfg.dim, "depth": model.cfg.depth, "heads": model.cfg.heads},
                         "sequence_length": layout.length, "threads": 1, "regions_per_s": stats(rates),

@@ -138,6 +138,24 @@ def _planted(n: int, layout: RegionLayout, dim: int = 32, seed: int = 0) -> torc
     return torch.einsum("nk,lkd->nld", z, basis) + offset + 0.05 * torch.randn(n, layout.length, dim, generator=g)
 
 
+@pytest.mark.parametrize("r,depth", [(1, 1), (2, 2), (3, 3)])
+def test_class_token_fast_path_equals_the_full_forward(r, depth):
+    # class_token() computes the last block at the class token only; it must be the same function.
+    layout = RegionLayout((5.0, 10.0, 20.0), r, 224)
+    torch.manual_seed(r)
+    model = RegionEncoder(layout, EncoderConfig(in_dim=40, dim=32, depth=depth, heads=4)).double().eval()
+    for p in model.parameters():            # away from the zero-initialised tables
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(6, layout.length, 40, dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(x)[1]
+        fast = model.class_token(x)
+        mean = model.region_embedding(x, "mean")
+    assert torch.linalg.norm(fast - ref) / torch.linalg.norm(ref) < 1e-12
+    assert torch.allclose(mean, model(x)[0].mean(dim=1))
+    assert torch.linalg.norm(model.region_embedding(x, "cls") - ref) / torch.linalg.norm(ref) < 1e-12
+
+
 def test_encoder_learns_planted_structure_far_better_than_the_mean():
     torch.set_num_threads(1)
     layout = RegionLayout(MAGS, 1, 224)

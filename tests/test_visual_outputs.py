@@ -138,6 +138,35 @@ def test_heatmap_png_content_on_cmu(cmu_run, cmu_small):
     assert (background.max(axis=1) - background.min(axis=1)).mean() < 20
 
 
+def test_pictures_made_beside_the_stream_equal_those_made_after(cmu_small, tmp_path):
+    # On a GPU the slide-only picture work (thumbnail base, tissue polygons) runs on a thread while
+    # the tiles stream (VisualStep.begin(overlap=True)); on a CPU after scoring. Same files either way.
+    from jwth_engine.config import RunConfig
+    from jwth_engine.scoring import SlideScorer
+    from jwth_engine.scoring.visuals import VisualOptions, VisualStep
+
+    scorer = SlideScorer(RunConfig.from_kwargs(model="test_tiny_patch14_reg4", device="cpu", precision="fp32"))
+    files = {}
+    for overlap in (False, True):
+        prepared = scorer.prepare(cmu_small)
+        step = VisualStep(VisualOptions(heatmap=True, geojson=True), scorer.model)
+        step.begin(prepared, "CMU", overlap=overlap)
+        probs = np.random.default_rng(0).dirichlet([1.0, 1.0], size=len(prepared.grid.coords)).astype(np.float32)
+        try:
+            step.capture(prepared, probs, "CMU")
+        finally:
+            step.settle()
+            prepared.close()
+        out = tmp_path / str(overlap)
+        out.mkdir()
+        written = step.write(out, "CMU", {"status": "scored"}, prepared)
+        files[overlap] = {k: (out / v).read_bytes() for k, v in written.items() if k in ("heatmap_png", "geojson")}
+    assert set(files[True]) == {"heatmap_png", "geojson"}
+    assert files[True] == files[False]
+    png = read_png(tmp_path / "True" / "CMU.heatmap.png")
+    assert png.std() > 10                  # a picture, not a blank canvas
+
+
 def test_heatmap_command_redraws_from_results(cmu_run, cli_cmd, tmp_path):
     out, name = cmu_run
     dest = tmp_path / "again.png"

@@ -39,6 +39,9 @@ class TissueMask:
     mask: np.ndarray
     downsample: float
     threshold: float = float("nan")   # the saturation threshold used (for the record)
+    # The RGB overview the mask was computed from (same grid as `mask`), kept so pictures of the
+    # slide (heat maps) need no second read of it.
+    overview: np.ndarray | None = field(default=None, repr=False, compare=False)
     _integral: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def _summed_area(self) -> np.ndarray:
@@ -189,4 +192,4 @@ def detect_tissue(
         mpp = candidate if MPP_MIN <= candidate <= MPP_MAX else None
     um_per_px = (mpp if mpp is not None and math.isfinite(mpp) else ASSUMED_MPP) * downsample
     mask, threshold = tissue_mask_from_rgb(thumb, um_per_px=um_per_px, return_threshold=True, **options)
-    return TissueMask(mask=mask, downsample=float(downsample), threshold=threshold)
+    return TissueMask(mask=mask, downsample=float(downsample), threshold=threshold, overview=thumb[..., :3])

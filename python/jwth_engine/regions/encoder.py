@@ -104,19 +104,40 @@ class RegionEncoder(nn.Module):
         `visible` [B, V] (slot indices, same count per region) encodes only those slots.
         """
         self._check(x)
+        h = self._embed_slots(x, visible)
+        h = self.norm(self.blocks(h))
+        return h[:, 1:], h[:, 0]
+
+    def _embed_slots(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 1 + L (or V), dim]: class token, then each slot's projection + its encodings."""
         h = self.input_proj(self.input_norm(x)) + self.slot_encoding()
         if visible is not None:
             h = torch.gather(h, 1, visible[..., None].expand(-1, -1, h.shape[-1]))
-        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
-        h = self.norm(self.blocks(h))
-        return h[:, 1:], h[:, 0]
+        return torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1)
+
+    def class_token(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, dim]: the class token only, = forward(x)[1] (tested).
+
+        The last block's output is needed at the class token alone, so that block projects keys
+        and values of every slot but computes the query, the attention output and the MLP for one
+        row: with the default 2 blocks this is ~40 % fewer FLOPs than the full forward."""
+        self._check(x)
+        h = self._embed_slots(x)
+        *first, last = self.blocks.layers
+        for layer in first:
+            h = layer(h)
+        y = last.norm1(h)
+        c = h[:, :1] + last.self_attn(y[:, :1], y, y, need_weights=False)[0]
+        c = c + last._ff_block(last.norm2(c))
+        return self.norm(c)[:, 0]
 
     def region_embedding(self, x: torch.Tensor, kind: str = "cls") -> torch.Tensor:
         """[B, dim]: the class token ("cls", compressed) or the mean of the contextualised slots ("mean")."""
         if kind not in EMBEDDINGS:
             raise ValueError(f"region embedding kind must be one of {EMBEDDINGS}, got {kind!r}")
-        tokens, cls = self(x)
-        return cls if kind == "cls" else tokens.mean(dim=1)
+        if kind == "cls":
+            return self.class_token(x)
+        return self(x)[0].mean(dim=1)
 
     def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Predicted backbone embeddings [B, L, in_dim] from the unmasked slots (`mask` [B, L] bool,

@@ -184,6 +184,8 @@ class SlideScorer:
         total = len(grid.coords)
         stats = PipelineStats()
         try:
+            if step is not None and out_dir is not None:
+                step.begin(prepared, name, overlap=self.device.type == "cuda")
             if total:
                 t = time.perf_counter()
                 done = 0
@@ -207,6 +209,8 @@ class SlideScorer:
             if step is not None and out_dir is not None:
                 step.capture(prepared, probs, name)     # needs the slide open: thumbnail, chosen tiles
         finally:
+            if step is not None:
+                step.settle()                           # its thread may be reading the slide
             prepared.close()
 
         preset, backbone, head = model.preset, model.backbone, model.head
