@@ -165,7 +165,7 @@ def encoder_suite(args, log) -> list[dict]:
     for in_dim, overrides in configs:
         torch.manual_seed(0)
         model = RegionEncoder(layout, EncoderConfig(in_dim=in_dim, **overrides)).eval()
-                x = torch.randn(args.encoder_regions, layout.length, in_dim)
+        x = torch.randn(args.encoder_regions, layout.length, in_dim)
         for precision in ("fp32", "bf16"):
             for kind in ("cls", "mean"):
                 def run():
