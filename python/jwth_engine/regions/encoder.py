@@ -120,7 +120,7 @@ class RegionEncoder(nn.Module):
 
         The last block's output is needed at the class token alone, so that block projects keys
         and values of every slot but computes the query, the attention output and the MLP for one
-        row: with the default 2 blocks this is ~40 % fewer FLOPs than the full forward."""
+        row: with the default encoder (2 blocks, D = 384) ~30 % fewer FLOPs than the full forward."""
         self._check(x)
         h = self._embed_slots(x)
         *first, last = self.blocks.layers
