@@ -55,6 +55,7 @@ from jwth_engine.slide.decoding import DecodeRequest, choose_decoder  # noqa: E4
 from jwth_engine.slide.nvimgcodec_decoder import nvimgcodec_version  # noqa: E402
 from jwth_engine.tiling import plan_tiles  # noqa: E402
 from jwth_engine.tissue import detect_tissue  # noqa: E402
+from _provenance import add_dry_run, dry_run_exit  # noqa: E402  (benchmarks/ helper)
 
 SCHEMA = "jwth-engine/bench-decode/v1"
 BATCH = 32
@@ -193,7 +194,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="also time the GPU paths (needs a GPU)")
+    parser.add_argument("--no-synthetic", action="store_true",
+                        help="skip the synthetic slide (writing it needs tifffile's JPEG codec, imagecodecs)")
+    add_dry_run(parser)
     args = parser.parse_args()
+    dry_run_exit(args)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     from synthetic_slide import write_slide  # noqa: E402  (benchmarks/ helper)
 
@@ -201,10 +206,11 @@ def main() -> None:
               (str(DATA / "wsi" / "aperio_svs" / "tcga-cr-7395-01a-01-ts1.svs"), 0.25)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        synthetic = str(Path(tmp) / "synthetic_12k.tiff")
-        log("writing a 12k x 9k synthetic slide")
-        write_slide(synthetic, width=12000, height=9000)
-        slides.append((synthetic, None))
+        if not args.no_synthetic:
+            synthetic = str(Path(tmp) / "synthetic_12k.tiff")
+            log("writing a 12k x 9k synthetic slide")
+            write_slide(synthetic, width=12000, height=9000)
+            slides.append((synthetic, None))
         for path, mpp in slides:
             results.append(bench_slide(path, mpp, repeats=args.repeats, workers=args.workers, gpu=args.gpu, log=log))
             r = results[-1]

@@ -22,6 +22,7 @@
 #   pipeline   bench_pipeline.py --device cuda --model jwth_vitl14_reg4 on CMU-1 and a synthetic slide
 #   backbones  bench_backbones.py --device cuda (eager/compiled, bf16/fp16)
 #   decode     bench_cucim_decode.py: cuCIM GPU decode vs CPU decode
+#   rawdecode  bench_decode.py --gpu: stored tiles decoded by nvImageCodec on the GPU vs its CPU backend and cuCIM
 # Benchmark steps in a dry run get --dry-run: each script parses exactly the arguments the real
 # run passes and exits, so a renamed flag fails here, on a CPU, before a GPU is ever spent on it.
 # DIR/gpu_check.json: every step's status, seconds and command, with the provenance of the run.
@@ -160,7 +161,7 @@ fi
 step doctor any 90 bash -c "'$PY' -m jwth_engine.cli doctor --json > '$OUT/doctor.json'"
 
 TESTS=(tests/test_attn_pool_kernels.py tests/test_preprocess.py tests/test_pipeline.py tests/test_backends.py
-       tests/test_tensorrt.py tests/test_build.py)
+       tests/test_tensorrt.py tests/test_build.py tests/test_raw_decode.py)
 SELECT="cuda or gpu or trt or tensorrt or nvcc or compiled"
 if [[ "$MODE" == dry-run ]]; then
   step tests gpu 180 "$PY" -m pytest -q -p no:cacheprovider --collect-only -k "$SELECT" "${TESTS[@]}"
@@ -180,6 +181,11 @@ step pipeline gpu 100 "$PY" benchmarks/bench_pipeline.py --device cuda --model j
 step backbones gpu 90 "$PY" benchmarks/bench_backbones.py --device cuda --preset jwth_vitl14_reg4 --batch 64 \
   --repeats 5 --parity --slide "" --out "$OUT/backbones_cuda.json" "${DRY[@]}"
 step decode gpu 30 "$PY" benchmarks/bench_cucim_decode.py "$CMU" --out "$OUT/cucim_decode_cuda.json" "${DRY[@]}"
+# The raw-tile path: nvImageCodec on the GPU (nvJPEG / nvJPEG2000) beside its CPU backend and cuCIM.
+SYNTH=()
+"$PY" -c "import imagecodecs" 2>/dev/null || SYNTH=(--no-synthetic)
+step rawdecode gpu 90 "$PY" benchmarks/bench_decode.py --gpu --repeats 3 --workers 4 "${SYNTH[@]}" \
+  --out "$OUT/decode_cuda.json" "${DRY[@]}"
 
 "$PY" - "$OUT" "$MODE" "$BUDGET" "$((SECONDS - START))" <<'EOF'
 import json, sys

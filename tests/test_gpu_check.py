@@ -14,9 +14,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-GPU_STEPS = ["build", "tests", "heads", "preprocess", "pipeline", "backbones", "decode"]
+GPU_STEPS = ["build", "tests", "heads", "preprocess", "pipeline", "backbones", "decode", "rawdecode"]
 BENCH_SCRIPTS = {"heads": "bench_heads.py", "preprocess": "bench_preprocess.py", "pipeline": "bench_pipeline.py",
-                 "backbones": "bench_backbones.py", "decode": "bench_cucim_decode.py"}
+                 "backbones": "bench_backbones.py", "decode": "bench_cucim_decode.py", "rawdecode": "bench_decode.py"}
 
 
 def _env(data_dir: Path) -> dict:
