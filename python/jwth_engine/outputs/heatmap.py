@@ -156,8 +156,6 @@ def compose_heatmap(thumbnail: np.ndarray, tissue_mask: np.ndarray, mask_downsam
                     scale_range: tuple[float, float] = (0.0, 1.0)) -> HeatmapLayers:
     """The picture: thumbnail (already at the picture size), background washed out, tiles coloured
     by `values` through `cmap` at `opacity`, tissue outline on top."""
-    if not 0.0 < opacity <= 1.0:
-        raise ValueError(f"opacity must be within (0, 1], got {opacity}")
     base = heatmap_base(thumbnail, tissue_mask, mask_downsample, scale, outline_px=outline_px)
     return tint_tiles(base, scale, tiles_xywh, values, cmap=cmap, opacity=opacity, scale_range=scale_range)
 

@@ -127,8 +127,11 @@ class RegionEncoder(nn.Module):
         for layer in first:
             h = layer(h)
         y = last.norm1(h)
-        c = h[:, :1] + last.self_attn(y[:, :1], y, y, need_weights=False)[0]
-        c = c + last._ff_block(last.norm2(c))
+        # The pre-norm layer's two residual branches (nn.TransformerEncoderLayer, norm_first=True),
+        # written out because only the class token's row is wanted.
+        c = h[:, :1] + last.dropout1(last.self_attn(y[:, :1], y, y, need_weights=False)[0])
+        z = last.norm2(c)
+        c = c + last.dropout2(last.linear2(last.dropout(last.activation(last.linear1(z)))))
         return self.norm(c)[:, 0]
 
     def region_embedding(self, x: torch.Tensor, kind: str = "cls") -> torch.Tensor:

@@ -33,8 +33,9 @@ from ..outputs import atomic_write_bytes, remove_stale_temps
 from ..outputs.attention import AttentionCollector, render_attention_panel, write_attention_npz
 from ..outputs.figures import colormap, jpeg_bytes, png_bytes, read_png, resize_rgb, write_png
 from ..outputs.geojson import feature_collection, tile_features, tissue_features, write_geojson
-from ..outputs.heatmap import (DEFAULT_COLORMAP, DEFAULT_OPACITY, DEFAULT_SIZE, MIN_SIZE, heatmap_base,
-                               heatmap_layout, no_tissue_message, render_heatmap, tint_tiles)
+from ..outputs.heatmap import (DEFAULT_COLORMAP, DEFAULT_OPACITY, DEFAULT_SIZE, MIN_SIZE, HeatmapBase,
+                               HeatmapLayout, heatmap_base, heatmap_layout, no_tissue_message, render_heatmap,
+                               tint_tiles)
 from ..outputs.report import ReportImages, write_report
 from ..slide import open_slide
 from ..tissue import detect_tissue
@@ -130,8 +131,8 @@ def _heatmap_title(name: str, class_name: str, model_name: str, pooling: str, ti
 class PictureBase:
     """The heat map's slide-only part (made before the scores exist)."""
 
-    layout: object               # outputs.heatmap.HeatmapLayout
-    base: object                 # outputs.heatmap.HeatmapBase
+    layout: HeatmapLayout
+    base: HeatmapBase
 
 
 def picture_base(slide, tissue, options: VisualOptions) -> PictureBase:
@@ -185,8 +186,8 @@ class VisualStep:
         """Queue the slide-only work (picture base, tissue polygons). With `overlap` (the model runs
         on a GPU: the CPU idles while tiles stream) it starts now on the picture threads, off the
         slide's critical path. Without, it waits for `capture`: beside a CPU backbone a third busy
-        thread stalls torch's OpenMP regions for far longer than its own run time (measured: +6-10 %
-        end to end on 2 cores for ~0.15 s of picture work), so there it runs after scoring, the
+        thread stalls torch's OpenMP regions for longer than its own run time (two 4-pair trials on
+        2 cores: +6 % and +10 % end to end for ~0.15 s of picture work), so there it runs after scoring, the
         tissue polygons then beside the heat map. `settle` before the slide closes."""
         self._jobs = {}
         if self.options.draws_heatmap and len(prepared.grid.coords):
@@ -231,11 +232,10 @@ class VisualStep:
         """With the slide still open: the heat map picture and the selected tiles' pixels."""
         t = time.perf_counter()
         grid, slide = prepared.grid, prepared.slide
+        self._start("tissue_features")                  # beside the heat map (a no-op if running)
         if not len(grid.coords):
-            self._start("tissue_features")
             self._captured = {"seconds": time.perf_counter() - t, "probs": probs}
             return
-        self._start("tissue_features")                  # beside the heat map (a no-op if running)
         index = self._class_index(probs)
         captured = {"class_index": index, "probs": probs}
         if self.options.draws_heatmap:
