@@ -6,8 +6,8 @@
     openslide  regions read by OpenSlide
     auto       gpu when the model runs on a GPU and nvImageCodec is installed; else cpu when
                nvImageCodec is installed (the GPU path's code on the CPU backend, one code path
-               everywhere; benchmarks/results/decode_cpu.json: 1.14x cuCIM's batch read on JPEG 2000,
-               0.85-0.95x on JPEG, a few % of a CPU backbone's time either way); else the slide reader
+               everywhere; benchmarks/results/decode_cpu.json: 1.17x cuCIM's batch read on JPEG 2000,
+               0.87-0.98x on JPEG, a few % of a CPU backbone's time either way); else the slide reader
 
 The raw path needs a tiled TIFF-family level with JPEG or JPEG 2000 tiles (raw_tiles.py). Where it
 cannot be used (NDPI strips, MRXS, deflate tiles, odd photometrics) or where its test tile does
