@@ -138,6 +138,22 @@ def _planted(n: int, layout: RegionLayout, dim: int = 32, seed: int = 0) -> torc
     return torch.einsum("nk,lkd->nld", z, basis) + offset + 0.05 * torch.randn(n, layout.length, dim, generator=g)
 
 
+@pytest.mark.parametrize("dim,heads,n", [(32, 4, 22), (64, 4, 85), (48, 3, 2), (16, 1, 337)])
+def test_single_query_attention_equals_multihead_attention(dim, heads, n):
+    from jwth_engine.regions.encoder import single_query_attention
+
+    torch.manual_seed(dim + n)
+    attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True).double().eval()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.4)
+    y = torch.randn(5, n, dim, dtype=torch.float64) * 2
+    with torch.no_grad():
+        ref = attn(y[:, :1], y, y, need_weights=False)[0]
+        ours = single_query_attention(attn, y)
+    assert ours.shape == ref.shape
+    assert torch.linalg.norm(ours - ref) / torch.linalg.norm(ref) < 1e-12
+
+
 @pytest.mark.parametrize("r,depth", [(1, 1), (2, 2), (3, 3)])
 def test_class_token_fast_path_equals_the_full_forward(r, depth):
     # class_token() computes the last block at the class token only; it must be the same function.
