@@ -21,10 +21,11 @@ Colour, decided by the TIFF directory and not by markers inside the stream:
 
 Decoders are pooled per process (creating one loads codec extensions) and each is used by one
 thread at a time. On the CPU, a batch is shared out in small chunks among `num_threads`
-single-threaded decoders run from as many Python threads (the decode call releases the GIL): nvImageCodec's own executor keeps
-one core free (on a 2-core machine it decodes on one thread, and then trails cuCIM's two). nvImageCodec logs to stderr through its own messenger and OpenCV's; both are
-turned down unless the user set their variables, because every failure is detected on the result
-(a None image, a wrong shape) and reported as one line naming the tile.
+single-threaded decoders run from as many Python threads (the decode call releases the GIL):
+nvImageCodec's own executor keeps one core free (on a 2-core machine it decodes on one thread, and
+then trails cuCIM's two). nvImageCodec logs to stderr through its own messenger and OpenCV's; both
+are turned down unless the user set their variables, because every failure is detected on the
+result (a None image, a wrong shape) and reported as one line naming the tile.
 """
 
 from __future__ import annotations
