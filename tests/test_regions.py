@@ -263,7 +263,11 @@ def test_bad_input_is_one_line_and_exit_2(cli_cmd, cmu_small, tmp_path):
                 "--model", "test_tiny_patch14_reg4")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {cmu_small}: magnification 40x")
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()             # nothing written, not even the folder
+    proc = _run(cli_cmd, "embed", cmu_small, "--out", out, "--magnifications", "5,10,40", "--region-tiles", "1",
+                "--model", "test_tiny_patch14_reg4")
+    assert proc.returncode == 2 and "magnification 40x" in proc.stderr.strip().splitlines()[-1]
+    assert not out.exists()
     proc = _run(cli_cmd, "embed-regions", cmu_small, "--out", out, "--region-tiles", "7",
                 "--model", "test_tiny_patch14_reg4")
     assert proc.returncode == 2 and "at most 1024" in proc.stderr

@@ -73,7 +73,9 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
 
     layout = RegionLayout(parse_magnifications(magnifications), region_tiles, tile_size or get_preset(model).input_size)
     check_layout(layout)
-    out = check_out_dir(out_dir)
+    # Checked now, created only once a slide has been opened and planned: a slide that cannot give
+    # the magnifications asked for leaves nothing behind, not even the folder.
+    out = check_out_dir(out_dir, create=False)
     todo = [s for s in slides if overwrite or not output_path(out, s).exists()]
     for s in slides:
         if s not in todo:
@@ -84,14 +86,15 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
     for s in todo:
         slide_mpp = (mpps or {}).get(s, mpp)
         prepared = prepare_slide(s, layout, mpp=slide_mpp, reader=reader, min_tissue=min_tissue)
-        if loaded is None:
-            try:
+        try:
+            if loaded is None:
                 backbone, stage = backbone_stage(model, weights, device=device, backend=backend,
                                                  precision=precision, batch_size=batch_size, seed=seed)
-            except BaseException:
-                prepared.close()
-                raise
-            loaded = (backbone, stage, backbone_provenance(backbone, stage))
+                loaded = (backbone, stage, backbone_provenance(backbone, stage))
+            check_out_dir(out)
+        except BaseException:
+            prepared.close()
+            raise
         backbone, stage, provenance = loaded
         result = extract_slide(prepared, out, stage, dim=backbone.embed_dim, provenance=provenance,
                                min_tissue=min_tissue, batch_size=batch_size, num_workers=num_workers)
