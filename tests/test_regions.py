@@ -287,6 +287,24 @@ def test_bad_input_is_one_line_and_exit_2(cli_cmd, cmu_small, tmp_path):
     assert not (tmp_path / "enc.safetensors").exists()
 
 
+def test_many_slides_one_bad_is_recorded_and_the_rest_embedded(cli_cmd, cmu_small, fixtures_dir, tmp_path):
+    """Several slides: a bad one is a `failed:` line naming it, the others are written, exit 1; run
+    again, the written ones are skipped and the bad one fails again (as bulk `embed` does)."""
+    bad = fixtures_dir / "unopenable.tiff"
+    out = tmp_path / "feats"
+    args = ("embed-regions", bad, cmu_small, "--out", out, "--model", "test_tiny_patch14_reg4", "--device", "cpu")
+    proc = _run(cli_cmd, *args)
+    assert proc.returncode == 1, proc.stderr
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and str(bad) in failed[0], proc.stderr
+    assert "1 embedded, 1 failed (listed above), 0 skipped" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["CMU-1-Small-Region.h5"]
+    proc = _run(cli_cmd, *args)
+    assert proc.returncode == 1, proc.stderr
+    assert "exists, skipped" in proc.stderr and "0 embedded, 1 failed (listed above), 1 skipped" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["CMU-1-Small-Region.h5"]
+
+
 def _region_file(path, layout, feats):
     with h5py.File(path, "w") as f:
         f["features"] = feats

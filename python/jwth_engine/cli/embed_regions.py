@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -65,7 +66,10 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
                          min_tissue, reader, device, backend, precision, batch_size, num_workers, seed,
                          mpps=None, overwrite=False, print_json=False) -> None:
     """The region path of `embed-regions` and of `embed --magnifications/--region-tiles`; `mpps`
-    gives per-slide MPPs (a manifest's), else `mpp` applies to all."""
+    gives per-slide MPPs (a manifest's), else `mpp` applies to all. One slide: a bad slide is its
+    one-line error (exit 2). Several: each bad slide is a `failed:` line, the others are embedded,
+    and the run exits 1; slides already embedded are skipped, so running it again retries the rest."""
+    from ..errors import SlideError
     from ..models import get_preset
     from ..regions.extract import check_layout, extract_slide, output_path, prepare_slide
     from ..regions.planning import RegionLayout, parse_magnifications
@@ -83,9 +87,22 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
     if not todo:
         return
     loaded = None
+    failed: dict[str, str] = {}
+
+    def slide_failed(s: str, exc: SlideError) -> None:
+        if len(slides) == 1:
+            raise exc
+        # One bad slide of many: said, recorded, and the others still run (as bulk `embed`).
+        failed[s] = str(exc)
+        click.echo(f"failed: {exc}", err=True)
+
     for s in todo:
         slide_mpp = (mpps or {}).get(s, mpp)
-        prepared = prepare_slide(s, layout, mpp=slide_mpp, reader=reader, min_tissue=min_tissue)
+        try:
+            prepared = prepare_slide(s, layout, mpp=slide_mpp, reader=reader, min_tissue=min_tissue)
+        except SlideError as exc:
+            slide_failed(s, exc)
+            continue
         try:
             if loaded is None:
                 backbone, stage = backbone_stage(model, weights, device=device, backend=backend,
@@ -96,8 +113,12 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
             prepared.close()
             raise
         backbone, stage, provenance = loaded
-        result = extract_slide(prepared, out, stage, dim=backbone.embed_dim, provenance=provenance,
-                               min_tissue=min_tissue, batch_size=batch_size, num_workers=num_workers)
+        try:
+            result = extract_slide(prepared, out, stage, dim=backbone.embed_dim, provenance=provenance,
+                                   min_tissue=min_tissue, batch_size=batch_size, num_workers=num_workers)
+        except SlideError as exc:       # a stored tile that cannot be decoded, found mid-slide
+            slide_failed(s, exc)
+            continue
         st = result.stats
         record = {"slide": s, "out": str(result.path), "layout": layout.to_dict(), "regions": result.regions,
                   "tiles": st.tiles, "decoded_px": st.decoded_px, "wall_s": round(st.wall_s, 3),
@@ -107,8 +128,11 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
         else:
             click.echo(f"{s}: {result.regions} regions x {layout.length} tiles ({layout.describe()}), "
                        f"{st.tiles} tiles embedded in {st.wall_s:.1f}s -> {result.path}")
-
-
+    if failed:
+        click.echo(f"{out}: {len(todo) - len(failed)} embedded, {len(failed)} failed (listed above), "
+                   f"{len(slides) - len(todo)} skipped as already embedded; "
+                   "run the same command again to retry them", err=True)
+        sys.exit(1)
 
 
 commands = [embed_regions]
