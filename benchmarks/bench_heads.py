@@ -44,7 +44,7 @@ from _provenance import add_dry_run, dry_run_exit, finish, provenance, spread, v
 
 from jwth_engine import _native  # noqa: E402
 from jwth_engine.heads.native import NativeHead  # noqa: E402
-from jwth_engine.heads.reference import JwthPoolingHead, LinearProbeHead  # noqa: E402
+from jwth_engine.heads.reference import JwthPoolingHead, LinearProbeHead, folded_single_query_pool  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_KERNEL_WIN = 2.0
@@ -68,11 +68,7 @@ def folded_head(module: JwthPoolingHead):
         cls = tokens[:, 0].float()
         patches = tokens[:, prefix:]                                                # [B, P, D]
         q = torch.addmm(bq, cls, wq.t()).view(b, h, d)                              # [B, H, d]
-        u = torch.einsum("bhe,hen->bhn", q, wk).to(tokens.dtype)                    # [B, H, D]
-        scores = torch.bmm(u, patches.transpose(1, 2)).float()                      # [B, H, P]
-        attn = torch.softmax(scores, dim=-1).to(tokens.dtype)
-        z = torch.bmm(attn, patches).float()                                        # [B, H, D]
-        o = torch.einsum("bhn,hen->bhe", z, wv) + bv                                # [B, H, d]
+        o = folded_single_query_pool(q, wk, wv, bv, patches)                        # [B, H, d]
         pooled = torch.addmm(bo, o.reshape(b, dim), wo.t())
         return torch.addmm(bc, pooled, wc.t())
 

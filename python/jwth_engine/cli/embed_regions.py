@@ -87,13 +87,13 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
     if not todo:
         return
     loaded = None
-    failed: dict[str, str] = {}
+    failed: list[str] = []
 
     def slide_failed(s: str, exc: SlideError) -> None:
         if len(slides) == 1:
             raise exc
-        # One bad slide of many: said, recorded, and the others still run (as bulk `embed`).
-        failed[s] = str(exc)
+        # One bad slide of many: said, counted, and the others still run (as bulk `embed`).
+        failed.append(s)
         click.echo(f"failed: {exc}", err=True)
 
     for s in todo:
@@ -104,11 +104,11 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
             slide_failed(s, exc)
             continue
         try:
-            if loaded is None:
+            if loaded is None:          # the first readable slide: load the model, create the folder
                 backbone, stage = backbone_stage(model, weights, device=device, backend=backend,
                                                  precision=precision, batch_size=batch_size, seed=seed)
                 loaded = (backbone, stage, backbone_provenance(backbone, stage))
-            check_out_dir(out)
+                check_out_dir(out)
         except BaseException:
             prepared.close()
             raise

@@ -79,6 +79,25 @@ class LinearProbeHead(nn.Module):
         return HeadOutput(self.classifier(cls), cls, None)
 
 
+def folded_single_query_pool(q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor,
+                             tokens: torch.Tensor) -> torch.Tensor:
+    """One query per head attending over `tokens` without projecting them to keys and values: the
+    algebra of the native JWTH kernel, in PyTorch.
+
+    q [B, H, d]; w_k, w_v [H, d, D], the key and value projections' weight rows per head (q or w_k
+    carries the 1/sqrt(d) scale); b_v [H, d]; tokens [B, N, D] -> [B, H, d], the per-head attention
+    output Σ_j a_j (W_v t_j + b_v). Per head q·(W_k t_j + b_k) = (W_kᵀ q)·t_j + q·b_k, and the last term,
+    the same for every j, cancels in the softmax; Σ_j a_j W_v t_j = W_v Σ_j a_j t_j since the
+    weights sum to 1. So the N tokens are read twice as D-vectors (2·N·D multiply-adds per head)
+    instead of being projected (2·N·D² for all heads). The two products over the tokens run in
+    the tokens' dtype, scores, softmax and sums in at least float32."""
+    acc = torch.promote_types(tokens.dtype, torch.float32)
+    u = torch.einsum("bhe,hen->bhn", q, w_k).to(tokens.dtype)                   # W_kᵀ q, per head
+    attn = torch.softmax(torch.bmm(u, tokens.transpose(1, 2)).to(acc), dim=-1).to(tokens.dtype)
+    z = torch.bmm(attn, tokens).to(acc)                                           # Σ_j a_j t_j, per head
+    return torch.einsum("bhn,hen->bhe", z, w_v) + b_v
+
+
 HEAD_CLASSES = {"jwth": JwthPoolingHead, "linear-probe": LinearProbeHead}
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..heads.reference import folded_single_query_pool
 from .planning import RegionLayout
 
 MAX_SEQUENCE_LENGTH = 1024   # slots per region the encoder accepts (r = 6 with 5/10/20x is 756)
@@ -69,23 +70,17 @@ def position_pooling(layout: RegionLayout) -> np.ndarray:
 
 
 def single_query_attention(attn: nn.MultiheadAttention, y: torch.Tensor) -> torch.Tensor:
-    """attn(y[:, :1], y, y)[0] [B, 1, d]: row 0 of y as the only query, every row as key and value.
-
-    The JWTH pooling algebra, per head: q·(W_k y_j + b_k) = (W_kᵀ q)·y_j + q·b_k, and the last term,
-    the same for every j, cancels in the softmax; Σ_j a_j (W_v y_j + b_v) = W_v (Σ_j a_j y_j) + b_v,
-    as the weights sum to 1. So the n rows are read twice as d-vectors instead of being projected
-    to keys and values (2·n·d per head instead of 4·n·d² for all heads together). Needs the
-    packed in-projection with biases (kdim = vdim = d), eval mode (no attention dropout)."""
-    B, n, d = y.shape
+    """attn(y[:, :1], y, y)[0] [B, 1, d]: row 0 of y as the only query, every row as key and value,
+    without projecting the rows to keys and values (heads.reference.folded_single_query_pool, the
+    JWTH head's algebra). Needs the packed in-projection with biases (kdim = vdim = d) and no
+    attention dropout (the encoder has none)."""
+    B, _, d = y.shape
     heads = attn.num_heads
     hd = d // heads
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, _, b_v = attn.in_proj_bias.chunk(3)
     q = (y[:, 0] @ w_q.T + b_q).view(B, heads, hd) * hd ** -0.5
-    u = torch.einsum("bhe,hed->bhd", q, w_k.view(heads, hd, d))            # W_kᵀ q, per head
-    weights = torch.softmax(torch.bmm(u, y.transpose(1, 2)), dim=-1)       # [B, heads, n]
-    pooled = torch.bmm(weights, y)                                          # Σ_j a_j y_j, per head
-    out = torch.einsum("bhd,hed->bhe", pooled, w_v.view(heads, hd, d)) + b_v.view(heads, hd)
+    out = folded_single_query_pool(q, w_k.view(heads, hd, d), w_v.view(heads, hd, d), b_v.view(heads, hd), y)
     return attn.out_proj(out.reshape(B, 1, d))
 
 

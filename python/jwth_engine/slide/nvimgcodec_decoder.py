@@ -236,8 +236,8 @@ class TileDecoder:
         if parts > 1 and len(indices) >= 2 * parts:
             # Small chunks handed out as threads free up: a stored tile's decode time varies
             # several-fold (background vs dense tissue), and fixed halves left one core idle while
-            # the other finished (+5 % tiles/s on the decode benchmark's two JPEG slides, 7
-            # interleaved passes each, 2-core AMD EPYC).
+            # the other finished (+5 % tiles/s on the decode benchmark's two JPEG slides in an A/B
+            # of 7 interleaved passes each on a 2-core AMD EPYC, not kept as JSON).
             size = max(_MIN_CHUNK, -(-len(indices) // (parts * _CHUNKS_PER_THREAD)))
             chunks = [indices[s:s + size] for s in range(0, len(indices), size)]
             order = itertools.count()       # next() on a count is atomic under the GIL
