@@ -110,6 +110,7 @@ def _grids(slide, mpp, target):
     ("cmu_small", 0.499, 0.5, 0),          # 224 of 240 px stored tiles: every tile spans up to four
     ("cmu_small", 0.499, 0.83, 0),         # read size 372 > stored tile: stored tiles shared by more
     ("tcga_jp2k", 0.25, 1.0, 1),           # level 1, non-integer downsample, JPEG 2000
+    ("philips_tiff", 0.25, 0.5, 1),        # Philips: level 1's page padded past the level, sparse level 0
 ])
 def test_model_tiles_equal_reader_path(request, name, mpp, target, level):
     """Model tiles cut from raw-decoded stored tiles equal the reader's, edge tiles included; each
@@ -175,6 +176,94 @@ def test_generic_ycbcr_jpeg_tiff_equals_openslide(tiffs):
             finally:
                 decoder.close()
                 reference.close()
+
+
+def _philips_xml(spacings_mm) -> str:
+    """The ImageDescription OpenSlide's Philips detector and level-size fix-up read: a DPUfsImport
+    DataObject with one WSI image and a DICOM_PIXEL_SPACING (mm, row then column) per level."""
+    def spacing(mm):
+        return (f'<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" PMSVR="IDoubleArray">'
+                f'&quot;{mm:.6f}&quot; &quot;{mm:.6f}&quot;</Attribute>')
+    levels = "".join(f'<DataObject ObjectType="PixelDataRepresentation">{spacing(mm)}</DataObject>'
+                     for mm in spacings_mm)
+    return ('<?xml version="1.0" encoding="UTF-8" ?>\n<DataObject ObjectType="DPUfsImport">'
+            '<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" PMSVR="IDataObjectArray">'
+            '<Array><DataObject ObjectType="DPScannedImage">'
+            '<Attribute Name="PIM_DP_IMAGE_TYPE" Group="0x301D" Element="0x1004" PMSVR="IString">WSI</Attribute>'
+            + spacing(spacings_mm[0]) +
+            '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" Element="0x8B01" '
+            f'PMSVR="IDataObjectArray"><Array>{levels}</Array></Attribute>'
+            '</DataObject></Array></Attribute></DataObject>')
+
+
+PHILIPS_SPARSE = ((0, 0), (7, 5))   # level-0 tiles left unstored, as Philips writes around scanned areas
+
+
+@pytest.fixture()
+def philips_tiff(tmp_path):
+    """A Philips-layout TIFF: tiled YCbCr JPEG, Software "Philips", the XML description, levels
+    below the first padded to whole tiles with non-background pixels (readers clip them off),
+    and two level-0 tiles not stored (byte count 0)."""
+    tifffile = pytest.importorskip("tifffile")
+    tile = 128
+    rng = np.random.default_rng(1)
+    base = np.full((896, 1152, 3), 240, np.uint8)        # 9 x 7 tiles
+    base[100:700, 150:1000] = (190, 80, 160)
+    base += rng.integers(0, 40, base.shape, dtype=np.uint8)
+    path = tmp_path / "philips.tiff"
+    with tifffile.TiffWriter(path) as tw:
+        for level in range(3):
+            image = base[::2 ** level, ::2 ** level]
+            h, w = image.shape[:2]
+            page = np.empty((-(-h // tile) * tile, -(-w // tile) * tile, 3), np.uint8)
+            page[...] = (20, 200, 20)
+            page[:h, :w] = image
+            first = dict(description=_philips_xml([0.00025 * 2 ** k for k in range(3)]),
+                         software="Philips DP v1.0", metadata=None) if level == 0 else {}
+            tw.write(page, tile=(tile, tile), compression="jpeg", photometric="ycbcr", subsampling=(2, 2),
+                     subfiletype=1 if level else 0, **first)
+    with tifffile.TiffFile(path) as tif:
+        counts = tif.pages[0].tags["TileByteCounts"]
+        assert counts.dtype == 4     # LONG: 4-byte entries
+        where, across = counts.valueoffset, 9
+    with open(path, "r+b") as fh:
+        for col, row in PHILIPS_SPARSE:
+            fh.seek(where + 4 * (row * across + col))
+            fh.write(bytes(4))
+    return path
+
+
+@pytest.mark.parametrize("reader", ["openslide", "cucim"])
+def test_philips_tiff_every_level_raw_and_equal_to_reader(philips_tiff, reader):
+    """Philips TIFF: the padded pages of the lower levels are found (tifffile's Philips series
+    gives their level sizes, as OpenSlide and cuCIM clip them) and decoded raw; each level equals the reader's whole-level read exactly, the padding is
+    white like the reader's clip, and unstored tiles are white background."""
+    with open_slide(philips_tiff, reader=reader) as slide:
+        assert slide.info.vendor == "philips" and slide.info.reader == reader
+        assert slide.info.level_dimensions == ((1152, 896), (576, 448), (288, 224))
+        for level, (width, height) in enumerate(slide.info.level_dimensions):
+            choice = choose_decoder(slide, level, CPU)
+            try:
+                assert choice.name == "nvimgcodec-cpu", choice.note
+                raw = choice.decoder.raw
+                assert (raw.width, raw.height) == (width, height)
+                tiles = choice.decoder.decode(range(raw.tiles_across * raw.tiles_down))
+            finally:
+                if choice.decoder is not None:
+                    choice.decoder.close()
+            mosaic = np.zeros((raw.tiles_down * raw.tile_h, raw.tiles_across * raw.tile_w, 3), np.uint8)
+            for index, tile in enumerate(tiles):
+                col, row = raw.position(index)
+                mosaic[row * raw.tile_h:(row + 1) * raw.tile_h, col * raw.tile_w:(col + 1) * raw.tile_w] = tile
+            np.testing.assert_array_equal(mosaic[:height, :width], slide.read_region((0, 0), level, (width, height)))
+            assert (mosaic[height:] == 255).all() and (mosaic[:, width:] == 255).all()   # padding clipped
+            if level == 0:
+                for col, row in PHILIPS_SPARSE:
+                    assert (tiles[raw.index(col, row)] == 255).all()
+    # The fixture does pad: the stored pages of levels 1 and 2 are larger than the levels.
+    tifffile = pytest.importorskip("tifffile")
+    with tifffile.TiffFile(philips_tiff) as tif:
+        assert [(int(p.imagewidth), int(p.imagelength)) for p in tif.pages] == [(1152, 896), (640, 512), (384, 256)]
 
 
 def _unsort_first_directory(path) -> None:

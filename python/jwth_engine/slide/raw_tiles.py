@@ -122,7 +122,10 @@ def raw_level_from_page(level: int, page) -> RawLevel:
 
 def _candidate_pages(tif) -> list:
     """Tiled directories that may hold pyramid levels: series levels (SubIFD pyramids) first, then
-    every top-level directory."""
+    every top-level directory. Series levels also carry tifffile's reading of vendor layouts: for
+    Philips TIFF it sizes the levels below the first from the XML, cutting off the padding to
+    whole tiles that OpenSlide and cuCIM clip too, so those pages match the reader's levels
+    (tests/test_raw_decode.py::test_philips_tiff_every_level_raw_and_equal_to_reader)."""
     pages, seen = [], set()
     for series in tif.series:
         for lvl in getattr(series, "levels", [series]):
