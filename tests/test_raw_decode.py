@@ -330,6 +330,33 @@ def test_truncated_stored_tile_fails_with_one_line(cmu_small, tmp_path):
     assert "stored tile (col 2, row 3) of level 0" in line and "truncated" in line
 
 
+def test_corrupt_stored_tile_fails_with_one_line(cmu_small, tmp_path):
+    """A stored tile whose middle quarter is overwritten with random bytes (seeded: the stream then
+    holds a marker libjpeg cannot take) is not decoded into garbage: one line names the tile."""
+    import tifffile
+
+    bad = tmp_path / "corrupt.svs"
+    shutil.copy(cmu_small, bad)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        index = 3 * math.ceil(page.imagewidth / page.tilewidth) + 2
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+    with open(bad, "r+b") as fh:
+        fh.seek(offset + count // 4)
+        fh.write(np.random.default_rng(0).integers(0, 256, count // 4, dtype=np.uint8).tobytes())
+    with open_slide(bad, reader="openslide") as slide:
+        source = RawTileSource(str(bad), slide.info.level_dimensions)
+        decoder = TileDecoder(source, source.level(0), backend="cpu")
+        try:
+            with pytest.raises(SlideError) as err:
+                decoder.decode([index - 1, index, index + 1])
+        finally:
+            decoder.close()
+    line = str(err.value)
+    assert "\n" not in line and "corrupt.svs" in line
+    assert "stored tile (col 2, row 3) of level 0" in line and "cannot be decoded" in line
+
+
 def test_truncated_tile_score_cli(cli_cmd, cmu_small, tmp_path):
     bad = tmp_path / "truncated.svs"
     _truncate_tile(cmu_small, bad, 2, 3)
