@@ -178,6 +178,20 @@ def test_generic_ycbcr_jpeg_tiff_equals_openslide(tiffs):
                 reference.close()
 
 
+def _stored_tile(path, col: int, row: int) -> tuple[int, int, int, int]:
+    """Stored tile (col, row) of a file's first directory: (byte offset, byte count, file offset of
+    its TileByteCounts entry, that entry's size)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        index = row * math.ceil(page.imagewidth / page.tilewidth) + col
+        tag = page.tags["TileByteCounts"]
+        assert tag.dtype in (4, 16)         # LONG or LONG8 entries
+        size = 4 if tag.dtype == 4 else 8
+        return int(page.dataoffsets[index]), int(page.databytecounts[index]), tag.valueoffset + index * size, size
+
+
 def _philips_xml(spacings_mm) -> str:
     """The ImageDescription OpenSlide's Philips detector and level-size fix-up read: a DPUfsImport
     DataObject with one WSI image and a DICOM_PIXEL_SPACING (mm, row then column) per level."""
@@ -222,14 +236,11 @@ def philips_tiff(tmp_path):
                          software="Philips DP v1.0", metadata=None) if level == 0 else {}
             tw.write(page, tile=(tile, tile), compression="jpeg", photometric="ycbcr", subsampling=(2, 2),
                      subfiletype=1 if level else 0, **first)
-    with tifffile.TiffFile(path) as tif:
-        counts = tif.pages[0].tags["TileByteCounts"]
-        assert counts.dtype == 4     # LONG: 4-byte entries
-        where, across = counts.valueoffset, 9
-    with open(path, "r+b") as fh:
-        for col, row in PHILIPS_SPARSE:
-            fh.seek(where + 4 * (row * across + col))
-            fh.write(bytes(4))
+    for col, row in PHILIPS_SPARSE:
+        _, _, entry, size = _stored_tile(path, col, row)
+        with open(path, "r+b") as fh:
+            fh.seek(entry)
+            fh.write(bytes(size))
     return path
 
 
@@ -298,21 +309,11 @@ def test_probe_decides_on_pixels_not_printed_warnings(tiffs, tmp_path):
 
 def _truncate_tile(src, dst, col: int, row: int) -> None:
     """Copy `src` and cut stored tile (col, row) of level 0 to half its bytes (TileByteCounts)."""
-    import tifffile
-
     shutil.copy(src, dst)
-    with tifffile.TiffFile(dst) as tif:
-        page = tif.pages[0]
-        across = math.ceil(page.imagewidth / page.tilewidth)
-        tag = page.tags["TileByteCounts"]
-        index = row * across + col
-        assert tag.dtype in (4, 16)
-        size = 4 if tag.dtype == 4 else 8
-        where = tag.valueoffset + index * size
-        half = int(page.databytecounts[index]) // 2
+    _, count, entry, size = _stored_tile(dst, col, row)
     with open(dst, "r+b") as fh:
-        fh.seek(where)
-        fh.write(half.to_bytes(size, "little"))
+        fh.seek(entry)
+        fh.write((count // 2).to_bytes(size, "little"))
 
 
 def test_truncated_stored_tile_fails_with_one_line(cmu_small, tmp_path):
@@ -333,20 +334,17 @@ def test_truncated_stored_tile_fails_with_one_line(cmu_small, tmp_path):
 def test_corrupt_stored_tile_fails_with_one_line(cmu_small, tmp_path):
     """A stored tile whose middle quarter is overwritten with random bytes (seeded: the stream then
     holds a marker libjpeg cannot take) is not decoded into garbage: one line names the tile."""
-    import tifffile
-
     bad = tmp_path / "corrupt.svs"
     shutil.copy(cmu_small, bad)
-    with tifffile.TiffFile(bad) as tif:
-        page = tif.pages[0]
-        index = 3 * math.ceil(page.imagewidth / page.tilewidth) + 2
-        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+    offset, count, _, _ = _stored_tile(bad, 2, 3)
     with open(bad, "r+b") as fh:
         fh.seek(offset + count // 4)
         fh.write(np.random.default_rng(0).integers(0, 256, count // 4, dtype=np.uint8).tobytes())
     with open_slide(bad, reader="openslide") as slide:
         source = RawTileSource(str(bad), slide.info.level_dimensions)
-        decoder = TileDecoder(source, source.level(0), backend="cpu")
+        raw = source.level(0)
+        decoder = TileDecoder(source, raw, backend="cpu")
+        index = raw.index(2, 3)
         try:
             with pytest.raises(SlideError) as err:
                 decoder.decode([index - 1, index, index + 1])

@@ -241,15 +241,14 @@ class TileDecoder:
             size = max(_MIN_CHUNK, -(-len(indices) // (parts * _CHUNKS_PER_THREAD)))
             chunks = [indices[s:s + size] for s in range(0, len(indices), size)]
             order = itertools.count()       # next() on a count is atomic under the GIL
+            results: list = [None] * len(chunks)
 
-            def work(decoder) -> list:
-                done = []
+            def work(decoder) -> None:
                 while (k := next(order)) < len(chunks):
-                    done.append((k, self._decode_with(decoder, chunks[k])))
-                return done
+                    results[k] = self._decode_with(decoder, chunks[k])
 
-            results = dict(pair for part in self._threads.map(work, self._decoders) for pair in part)
-            return [tile for k in range(len(chunks)) for tile in results[k]]
+            list(self._threads.map(work, self._decoders))      # re-raises a thread's SlideError
+            return [tile for chunk in results for tile in chunk]
         return self._decode_with(self._decoders[0], indices)
 
     def _decode_with(self, decoder, indices: list[int]) -> list:
