@@ -424,6 +424,81 @@ def test_score_summary_records_decoder(cmu_small, tmp_path):
     assert raw.summary["pipeline"]["decode_ratio"] == ref.summary["pipeline"]["decode_ratio"]
 
 
+# --- the region path (embed-regions, embed --magnifications): level blocks from raw tiles ------------
+
+REGION_MAGS = (5.0, 10.0, 20.0)
+
+
+@pytest.mark.parametrize("name,mpp,tile_size,levels,tolerance", [
+    ("cmu_small", None, 224, [0], 0),            # one level, 240 px JPEG tiles, blocks of 897 px
+    ("tcga_jp2k", 0.25, 224, [1], 1),            # JPEG 2000, level 1 (non-integer downsample)
+    ("philips_tiff", 0.25, 64, [1, 2], 0),       # two levels read; blocks reach past padded pages
+])
+def test_region_blocks_from_raw_tiles_equal_reader(request, name, mpp, tile_size, levels, tolerance):
+    """Every region's tiles at every magnification, from blocks pasted out of raw-decoded stored
+    tiles, equal the slide reader's (edge regions, whose blocks reach past the level, included)."""
+    from jwth_engine.regions.blocks import BlockSource
+    from jwth_engine.regions.planning import RegionLayout, plan_regions, read_region_tiles
+    from jwth_engine.slide import resolve_mpp
+
+    path = request.getfixturevalue(name)
+    with open_slide(path) as slide:
+        plan = plan_regions(slide, slide_mpp=resolve_mpp(slide.info, mpp), layout=RegionLayout(REGION_MAGS, 1, tile_size),
+                            min_tissue=0.0)
+        assert [level for level, _ in plan.level_blocks()] == levels
+        blocks = BlockSource.open(slide, levels, CPU)
+        try:
+            assert set(blocks.decoder_names().values()) == {"nvimgcodec-cpu"}, blocks.describe()
+            widths = [slide.info.level_dimensions[level][0] for level in levels]
+            reaches_past = False
+            for index in range(len(plan)):
+                ours = read_region_tiles(slide, plan, index, blocks=blocks)
+                theirs = read_region_tiles(slide, plan, index)
+                assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= tolerance, index
+                x0 = int(plan.boxes[index][0])
+                reaches_past |= any(x0 / slide.info.level_downsamples[lv] + plan.span0 / slide.info.level_downsamples[lv]
+                                    > w for lv, w in zip(levels, widths))
+            assert reaches_past          # the white outside the level is tested too
+            assert blocks.tiles_decoded > len(levels)      # more than the test tiles
+        finally:
+            blocks.close()
+
+
+def test_embed_regions_decode_cpu_equals_reader_and_is_recorded(cli_cmd, cmu_small, tmp_path):
+    """`embed-regions --decode cpu` (two reader threads, each with its own decoder) writes the same
+    features as `--decode cucim` and records, per level, which decoder read the blocks; bad
+    combinations and a damaged stored tile fail with one line and leave no file."""
+    import h5py
+    import json
+
+    def run(*args):
+        return subprocess.run(cli_cmd + ["embed-regions", *map(str, args), "--model", "test_tiny_patch14_reg4",
+                                         "--device", "cpu", "--workers", "2"],
+                              capture_output=True, text=True, timeout=600)
+
+    feats = {}
+    for decode in ("cpu", "cucim"):
+        proc = run(cmu_small, "--out", tmp_path / decode, "--decode", decode, "--json")
+        assert proc.returncode == 0, proc.stderr
+        record = json.loads(proc.stdout.strip().splitlines()[-1])
+        expected = "nvimgcodec-cpu" if decode == "cpu" else "cucim"
+        assert record["decode"]["0"]["decoder"] == expected, record["decode"]
+        with h5py.File(tmp_path / decode / "CMU-1-Small-Region.h5") as f:
+            assert json.loads(f.attrs["decode"])["0"]["decoder"] == expected
+            feats[decode] = f["features"][()]
+    np.testing.assert_array_equal(feats["cpu"], feats["cucim"])
+
+    proc = run(cmu_small, "--out", tmp_path / "x", "--decode", "openslide", "--reader", "cucim")
+    assert proc.returncode == 2 and "contradicts" in proc.stderr and not (tmp_path / "x").exists(), proc.stderr
+    bad = tmp_path / "truncated.svs"
+    _truncate_tile(cmu_small, bad, 2, 3)
+    proc = run(bad, "--out", tmp_path / "bad", "--decode", "cpu", "--min-tissue", "0")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "stored tile (col 2, row 3) of level 0" in errors[0]
+    assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").iterdir())   # no file, not even a partial one
+
+
 # --- GPU: run wherever a GPU is present ----------------------------------------------------------
 
 def _need_gpu():
@@ -500,6 +575,31 @@ def test_gpu_pipeline_preprocesses_from_device_buffers(cmu_small):
         assert stats.decoder["decoder"] == "nvimgcodec-gpu"
         cpu_probs, _ = run_streaming(slide, grid, stage, batch_size=16, decode=CPU)
         assert np.abs(gpu_probs - cpu_probs).max() < 1e-2
+
+
+def test_gpu_region_blocks_match_cpu(cmu_small):
+    """The region path's `--decode gpu`: stored tiles decoded and pasted on the device, the block
+    copied to the host once; equal to the CPU backend's within the GPU IDCT's tolerance."""
+    _need_gpu()
+    from jwth_engine.regions.blocks import BlockSource
+    from jwth_engine.regions.planning import RegionLayout, plan_regions, read_region_tiles
+    from jwth_engine.slide import resolve_mpp
+
+    with open_slide(cmu_small) as slide:
+        plan = plan_regions(slide, slide_mpp=resolve_mpp(slide.info, None), layout=RegionLayout(REGION_MAGS, 1, 224),
+                            min_tissue=0.0)
+        gpu = BlockSource.open(slide, [0], DecodeRequest("gpu", "test"), device=torch.device("cuda"))
+        cpu = BlockSource.open(slide, [0], CPU)
+        try:
+            assert gpu.decoder_names() == {"0": "nvimgcodec-gpu"}, gpu.describe()
+            for index in range(len(plan)):
+                ours = read_region_tiles(slide, plan, index, blocks=gpu)
+                theirs = read_region_tiles(slide, plan, index, blocks=cpu)
+                diff = np.abs(ours.astype(int) - theirs.astype(int))
+                assert diff.mean() <= 1.0 and diff.max() <= 24, (index, diff.mean(), diff.max())
+        finally:
+            gpu.close()
+            cpu.close()
 
 
 def test_doctor_reports_decoders(cli_cmd):

@@ -77,7 +77,7 @@ def _embed_regions(source, out, magnifications, region_tiles, *, features, coord
     folder = os.path.join(out, f"regions_{os.path.splitext(os.path.basename(model))[0]}")
     run_region_embedding(slides, folder, magnifications=magnifications, region_tiles=region_tiles, model=model,
                          weights=m.weights, tile_size=t.tile_size, mpp=t.mpp, mpps=mpps, min_tissue=t.min_tissue,
-                         reader=t.reader, device=r.device, backend=r.backend, precision=r.precision,
+                         reader=t.reader, decode=t.decode, device=r.device, backend=r.backend, precision=r.precision,
                          batch_size=r.batch_size, num_workers=r.num_workers, seed=m.seed)
 
 

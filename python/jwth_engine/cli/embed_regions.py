@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..config import BACKENDS, DEFAULT_PRESET, DEVICES, PRECISIONS, READERS, field_default as _d
+from ..config import BACKENDS, DECODES, DEFAULT_PRESET, DEVICES, PRECISIONS, READERS, field_default as _d
 
 
 def backbone_stage(model, weights, *, device, backend, precision, batch_size, seed, tile_size=None):
@@ -44,6 +44,9 @@ def backbone_provenance(backbone, stage) -> dict:
 @click.option("--min-tissue", type=click.FloatRange(0, 1), default=_d("min_tissue"), show_default=True,
               help="Regions with a smaller tissue fraction are skipped.")
 @click.option("--reader", type=click.Choice(READERS), default=_d("reader"), show_default=True)
+@click.option("--decode", type=click.Choice(DECODES), default=_d("decode"), show_default=True,
+              help="Who decodes the level blocks: gpu/cpu = stored tiles decoded by nvImageCodec; cucim/openslide = "
+                   "that reader; auto = gpu with a GPU model, else cpu, else the reader.")
 @click.option("--device", type=click.Choice(DEVICES), default=_d("device"), show_default=True)
 @click.option("--backend", type=click.Choice(BACKENDS), default=_d("backend"), show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_d("precision"), show_default=True)
@@ -53,18 +56,18 @@ def backbone_provenance(backbone, stage) -> dict:
 @click.option("--overwrite", is_flag=True, help="Embed slides whose feature file already exists (default: skip them).")
 @click.option("--json", "print_json", is_flag=True, help="Print one JSON line per slide.")
 def embed_regions(slides, out_dir, magnifications, region_tiles, model, weights, tile_size, mpp, min_tissue, reader,
-                  device, backend, precision, batch_size, num_workers, seed, overwrite, print_json):
+                  decode, device, backend, precision, batch_size, num_workers, seed, overwrite, print_json):
     """Embed every tile of every tissue region of each SLIDE at each magnification with a frozen backbone;
     writes DIR/<slide>.h5 (region sequences, coordinates, layout)."""
     run_region_embedding(list(slides), out_dir, magnifications=magnifications, region_tiles=region_tiles, model=model,
                          weights=weights, tile_size=tile_size, mpp=mpp, min_tissue=min_tissue, reader=reader,
-                         device=device, backend=backend, precision=precision, batch_size=batch_size,
+                         decode=decode, device=device, backend=backend, precision=precision, batch_size=batch_size,
                          num_workers=num_workers, seed=seed, overwrite=overwrite, print_json=print_json)
 
 
 def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model, weights, tile_size, mpp,
                          min_tissue, reader, device, backend, precision, batch_size, num_workers, seed,
-                         mpps=None, overwrite=False, print_json=False) -> None:
+                         decode=_d("decode"), mpps=None, overwrite=False, print_json=False) -> None:
     """The region path of `embed-regions` and of `embed --magnifications/--region-tiles`; `mpps`
     gives per-slide MPPs (a manifest's), else `mpp` applies to all. One slide: a bad slide is its
     one-line error (exit 2). Several: each bad slide is a `failed:` line, the others are embedded,
@@ -74,7 +77,9 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
     from ..regions.extract import check_layout, extract_slide, output_path, prepare_slide
     from ..regions.planning import RegionLayout, parse_magnifications
     from ..scoring import check_out_dir
+    from ..slide.decoding import reader_for, resolve_decode
 
+    reader = reader_for(decode, reader)      # a contradiction fails before any slide is opened
     layout = RegionLayout(parse_magnifications(magnifications), region_tiles, tile_size or get_preset(model).input_size)
     check_layout(layout)
     # Checked now, created only once a slide has been opened and planned: a slide that cannot give
@@ -107,27 +112,30 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
             if loaded is None:          # the first readable slide: load the model, create the folder
                 backbone, stage = backbone_stage(model, weights, device=device, backend=backend,
                                                  precision=precision, batch_size=batch_size, seed=seed)
-                loaded = (backbone, stage, backbone_provenance(backbone, stage))
+                request = resolve_decode(decode, stage.backend.device)
+                loaded = (backbone, stage, backbone_provenance(backbone, stage), request)
                 check_out_dir(out)
         except BaseException:
             prepared.close()
             raise
-        backbone, stage, provenance = loaded
+        backbone, stage, provenance, request = loaded
         try:
             result = extract_slide(prepared, out, stage, dim=backbone.embed_dim, provenance=provenance,
-                                   min_tissue=min_tissue, batch_size=batch_size, num_workers=num_workers)
+                                   min_tissue=min_tissue, batch_size=batch_size, num_workers=num_workers,
+                                   decode=request)
         except SlideError as exc:       # a stored tile that cannot be decoded, found mid-slide
             slide_failed(s, exc)
             continue
         st = result.stats
         record = {"slide": s, "out": str(result.path), "layout": layout.to_dict(), "regions": result.regions,
                   "tiles": st.tiles, "decoded_px": st.decoded_px, "wall_s": round(st.wall_s, 3),
-                  "levels": [r.level for r in result.plan.reads]}
+                  "levels": [r.level for r in result.plan.reads], "decode": result.decode}
         if print_json:
             click.echo(json.dumps(record))
         else:
+            decoders = ", ".join(f"level {level}: {d['decoder']}" for level, d in result.decode.items())
             click.echo(f"{s}: {result.regions} regions x {layout.length} tiles ({layout.describe()}), "
-                       f"{st.tiles} tiles embedded in {st.wall_s:.1f}s -> {result.path}")
+                       f"{st.tiles} tiles embedded in {st.wall_s:.1f}s ({decoders}) -> {result.path}")
     if failed:
         click.echo(f"{out}: {len(todo) - len(failed)} embedded, {len(failed)} failed (listed above), "
                    f"{len(slides) - len(todo)} skipped as already embedded; "

@@ -154,20 +154,13 @@ class GridReader:
 
     # --- unit bookkeeping ----------------------------------------------------------------------
 
-    def _unit_span(self, lo: np.ndarray, size: int, limit: int, unit: int, count: int):
-        """First and last unit index touched by [lo, lo + size), clipped to units inside the level."""
-        first = np.maximum(lo, 0) // unit
-        last = np.minimum(lo + size, limit) - 1
-        last = np.where(last >= np.maximum(lo, 0), last // unit, first - 1)  # empty when nothing inside
-        return first, np.minimum(last, count - 1)
-
     def _prepare_units(self) -> None:
         uw, uh = self.plan.unit
         r = self.grid.read_size
         self._ucols = math.ceil(self._width / uw)
         self._urows = math.ceil(self._height / uh)
-        self._c0, self._c1 = self._unit_span(self._xl, r, self._width, uw, self._ucols)
-        self._r0, self._r1 = self._unit_span(self._yl, r, self._height, uh, self._urows)
+        self._c0, self._c1 = unit_span(self._xl, r, self._width, uw, self._ucols)
+        self._r0, self._r1 = unit_span(self._yl, r, self._height, uh, self._urows)
         # Index of the last tile that needs each unit: a unit is dropped right after that tile.
         last_use = np.full(self._ucols * self._urows, -1, np.int64)
         index = np.arange(len(self._xl), dtype=np.int64)
@@ -253,20 +246,8 @@ class GridReader:
                 del self._units[uid]
 
     def _cut(self, i: int, dest: np.ndarray) -> None:
-        uw, uh = self.plan.unit
-        r = self.grid.read_size
-        x0, y0 = int(self._xl[i]), int(self._yl[i])
-        covered_w = self._ucols * uw
-        covered_h = self._urows * uh
-        if x0 < 0 or y0 < 0 or x0 + r > covered_w or y0 + r > covered_h:
-            dest[...] = WHITE  # parts no unit covers lie outside the level
-        for row in range(int(self._r0[i]), int(self._r1[i]) + 1):
-            ya, yb = max(y0, row * uh), min(y0 + r, (row + 1) * uh)
-            for col in range(int(self._c0[i]), int(self._c1[i]) + 1):
-                xa, xb = max(x0, col * uw), min(x0 + r, (col + 1) * uw)
-                unit = self._units[row * self._ucols + col]
-                dest[ya - y0:yb - y0, xa - x0:xb - x0] = unit[ya - row * uh:yb - row * uh,
-                                                               xa - col * uw:xb - col * uw]
+        paste_units(dest, int(self._xl[i]), int(self._yl[i]), self._units, self.plan.unit, self._ucols,
+                    self._urows, (int(self._c0[i]), int(self._c1[i])), (int(self._r0[i]), int(self._r1[i])))
 
     def units_held(self) -> int:
         return len(self._units)
@@ -275,6 +256,35 @@ class GridReader:
         self._units.clear()
         if self._decoder is not None:
             self._decoder.close()
+
+
+def unit_span(lo, size: int, limit: int, unit: int, count: int):
+    """First and last unit index touched by [lo, lo + size) (numpy arrays of starts), clipped to
+    units inside the level (a level of `limit` px, `count` units of `unit` px); last < first when
+    nothing of the window lies inside the level."""
+    lo = np.asarray(lo)
+    first = np.maximum(lo, 0) // unit
+    last = np.minimum(lo + size, limit) - 1
+    last = np.where(last >= np.maximum(lo, 0), last // unit, first - 1)  # empty when nothing inside
+    return first, np.minimum(last, count - 1)
+
+
+def paste_units(dest, x0: int, y0: int, units, unit: tuple[int, int], cols: int, rows: int,
+                col_span: tuple[int, int], row_span: tuple[int, int]) -> None:
+    """Fill `dest` [h, w, 3] with the level window whose corner is level pixel (x0, y0), from the
+    decoded units (`units[row * cols + col]`, each [unit_h, unit_w, 3]) of the inclusive column and
+    row spans that `unit_span` gives; the parts no unit covers lie outside the level and are white.
+    numpy or torch alike (plain slicing), so the GPU path cuts on the device."""
+    uw, uh = unit
+    h, w = dest.shape[0], dest.shape[1]
+    if x0 < 0 or y0 < 0 or x0 + w > cols * uw or y0 + h > rows * uh:
+        dest[...] = WHITE
+    for row in range(row_span[0], row_span[1] + 1):
+        ya, yb = max(y0, row * uh), min(y0 + h, (row + 1) * uh)
+        for col in range(col_span[0], col_span[1] + 1):
+            xa, xb = max(x0, col * uw), min(x0 + w, (col + 1) * uw)
+            dest[ya - y0:yb - y0, xa - x0:xb - x0] = units[row * cols + col][ya - row * uh:yb - row * uh,
+                                                                             xa - col * uw:xb - col * uw]
 
 
 def iter_batches(reader: GridReader, batch_size: int) -> Iterator[np.ndarray]:

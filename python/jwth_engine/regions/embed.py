@@ -58,10 +58,10 @@ def class_token(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 0].float()
 
 
-def _reader(slide, plan: RegionPlan, num_workers: int, dest: BoundedQueue, busy: list) -> None:
+def _reader(slide, plan: RegionPlan, num_workers: int, dest: BoundedQueue, busy: list, blocks) -> None:
     def read(i: int) -> tuple[int, np.ndarray]:
         t = time.perf_counter()
-        tiles = read_region_tiles(slide, plan, i)
+        tiles = read_region_tiles(slide, plan, i, blocks=blocks)
         busy[0] += time.perf_counter() - t   # float += under the GIL: per-thread races only blur a statistic
         return i, tiles
 
@@ -92,10 +92,12 @@ def _reader(slide, plan: RegionPlan, num_workers: int, dest: BoundedQueue, busy:
 
 def embed_regions(slide, plan: RegionPlan, stage, *, batch_size: int, sink: Callable[[int, np.ndarray], None],
                   num_workers: int = field_default("num_workers"), feature: Callable[[torch.Tensor], torch.Tensor] = class_token,
-                  progress: Callable[[int], None] | None = None, stats: RegionEmbedStats | None = None) -> RegionEmbedStats:
+                  progress: Callable[[int], None] | None = None, stats: RegionEmbedStats | None = None,
+                  blocks=None) -> RegionEmbedStats:
     """Embed every region of `plan`; `sink(region_index, features [L, D] float32)` in plan order.
 
-    `stage` is a pipeline ModelStage (only its preprocess and embed are used).
+    `stage` is a pipeline ModelStage (only its preprocess and embed are used); `blocks` (a
+    regions/blocks.BlockSource) reads the level blocks, the slide reader when None.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -106,7 +108,7 @@ def embed_regions(slide, plan: RegionPlan, stage, *, batch_size: int, sink: Call
     queue = BoundedQueue(capacity, "decoded regions")
     busy = [0.0]
     thread = threading.Thread(target=_reader, name="jwth-region-reader", daemon=True,
-                              args=(slide, plan, num_workers, queue, busy))
+                              args=(slide, plan, num_workers, queue, busy, blocks))
     batch = np.empty((batch_size, T, T, 3), np.uint8)
     fill = 0
     owners: list[tuple[int, int, int]] = []    # (region, first slot, count) of the tiles in `batch`

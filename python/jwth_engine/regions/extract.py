@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..config import field_default
 from ..errors import ConfigError
+from .blocks import BlockSource
 from .embed import RegionEmbedStats, embed_regions
 from .encoder import MAX_SEQUENCE_LENGTH
 from .io import SUFFIX, RegionFeatureWriter
@@ -29,6 +30,7 @@ class ExtractResult:
     plan: RegionPlan
     stats: RegionEmbedStats
     timings: dict = field(default_factory=dict)
+    decode: dict = field(default_factory=dict)     # level -> which decoder read its blocks, and why
 
 
 def check_layout(layout: RegionLayout, max_length: int = MAX_SEQUENCE_LENGTH) -> None:
@@ -88,24 +90,31 @@ def prepare_slide(slide_path: str | os.PathLike, layout: RegionLayout, *, mpp: f
 def extract_slide(prepared: PreparedSlide, out_dir: str | os.PathLike | None, stage, *, dim: int, provenance: dict,
                   min_tissue: float = field_default("min_tissue"), batch_size: int = field_default("batch_size"),
                   num_workers: int = field_default("num_workers"),
-                  progress: Callable[[int], None] | None = None) -> ExtractResult:
+                  progress: Callable[[int], None] | None = None, decode=None) -> ExtractResult:
     """Embed the prepared slide's regions with `stage` (a pipeline ModelStage) and close it; write
-    DIR/<stem>.h5 when `out_dir` is given. `provenance` goes into the file's attributes."""
+    DIR/<stem>.h5 when `out_dir` is given. `provenance` goes into the file's attributes. `decode`
+    (slide.decoding.DecodeRequest; None = the slide reader) says who decodes the level blocks."""
     t0 = time.perf_counter()
     plan, stats = prepared.plan, RegionEmbedStats()
     attrs = {**provenance, "slide": prepared.path, "mpp_overridden": prepared.mpp_overridden,
              "min_tissue": min_tissue, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     path = None
+    blocks = None
     try:
+        blocks = BlockSource.open(prepared.slide, [level for level, _ in plan.level_blocks()], decode,
+                                  device=getattr(stage.backend, "device", None))
+        attrs["decode"] = blocks.describe()
         if out_dir is None:
             embed_regions(prepared.slide, plan, stage, batch_size=batch_size, num_workers=num_workers,
-                          sink=lambda i, f: None, progress=progress, stats=stats)
+                          sink=lambda i, f: None, progress=progress, stats=stats, blocks=blocks)
         else:
             path = output_path(out_dir, prepared.path)
             with RegionFeatureWriter(path, plan, dim, attrs) as writer:
                 embed_regions(prepared.slide, plan, stage, batch_size=batch_size, num_workers=num_workers,
-                              sink=writer.write, progress=progress, stats=stats)
+                              sink=writer.write, progress=progress, stats=stats, blocks=blocks)
     finally:
+        if blocks is not None:
+            blocks.close()
         prepared.close()
     timings = {**prepared.timings, "embed": time.perf_counter() - t0}
-    return ExtractResult(path, len(plan), plan, stats, timings)
+    return ExtractResult(path, len(plan), plan, stats, timings, attrs["decode"])

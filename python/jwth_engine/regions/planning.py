@@ -229,12 +229,13 @@ def _cut(image: np.ndarray, n: int, tile: int, out: np.ndarray) -> None:
     out[:] = image.reshape(n, tile, n, tile, 3).transpose(0, 2, 1, 3, 4).reshape(n * n, tile, tile, 3)
 
 
-def read_region_tiles(slide, plan: RegionPlan, index: int, out: np.ndarray | None = None) -> np.ndarray:
+def read_region_tiles(slide, plan: RegionPlan, index: int, out: np.ndarray | None = None, blocks=None) -> np.ndarray:
     """Every tile of region `index` in sequence order: uint8 [L, T, T, 3].
 
     Each level's block starts at the level pixel holding the region's corner and the region's exact
     (sub-pixel) extent within it is what gets resampled, so levels with non-integer downsamples, or
-    region corners that fall between a coarse level's pixels, stay aligned with level 0.
+    region corners that fall between a coarse level's pixels, stay aligned with level 0. `blocks`
+    (regions/blocks.BlockSource) reads the blocks; by default the slide reader does.
     """
     layout, T = plan.layout, plan.layout.tile_size
     if out is None:
@@ -245,7 +246,10 @@ def read_region_tiles(slide, plan: RegionPlan, index: int, out: np.ndarray | Non
         ds = plan.level_downsamples[level]
         lx, ly = math.floor(x0 / ds), math.floor(y0 / ds)
         size = _block_size(plan.span0, ds)
-        block = slide.read_region((level_to_level0(lx, ds), level_to_level0(ly, ds)), level, (size, size))
+        if blocks is None:
+            block = slide.read_region((level_to_level0(lx, ds), level_to_level0(ly, ds)), level, (size, size))
+        else:
+            block = blocks.read(level, lx, ly, size)
         extent = plan.span0 / ds
         box = (x0 / ds - lx, y0 / ds - ly, x0 / ds - lx + extent, y0 / ds - ly + extent)
         for i in members:
