@@ -392,6 +392,11 @@ def test_decode_option_resolution(monkeypatch):
     assert resolve_decode("openslide", torch.device("cpu")).backend is None
     assert resolve_decode("cpu", torch.device("cpu")).backend == "cpu"
     assert resolve_decode("auto", torch.device("cpu")).backend == "cpu"
+    # The region path keeps the reader for `auto` without a GPU model, and says why; explicit
+    # `cpu` is still honoured there.
+    region = resolve_decode("auto", torch.device("cpu"), auto_cpu="blocks read by the reader")
+    assert region.backend is None and region.why == "auto: no GPU in use; blocks read by the reader"
+    assert resolve_decode("cpu", torch.device("cpu"), auto_cpu="x").backend == "cpu"
     if not _gpu():
         with pytest.raises(BackendUnavailable, match="--decode gpu: no CUDA GPU"):
             resolve_decode("gpu", torch.device("cpu"))
@@ -487,6 +492,11 @@ def test_embed_regions_decode_cpu_equals_reader_and_is_recorded(cli_cmd, cmu_sma
             assert json.loads(f.attrs["decode"])["0"]["decoder"] == expected
             feats[decode] = f["features"][()]
     np.testing.assert_array_equal(feats["cpu"], feats["cucim"])
+    proc = run(cmu_small, "--out", tmp_path / "auto", "--json")      # --decode auto, no GPU model
+    assert proc.returncode == 0, proc.stderr
+    chosen = json.loads(proc.stdout.strip().splitlines()[-1])["decode"]["0"]
+    if not torch.cuda.is_available():
+        assert chosen["decoder"] == "cucim" and "slide reader" in chosen["why"], chosen
 
     proc = run(cmu_small, "--out", tmp_path / "x", "--decode", "openslide", "--reader", "cucim")
     assert proc.returncode == 2 and "contradicts" in proc.stderr and not (tmp_path / "x").exists(), proc.stderr

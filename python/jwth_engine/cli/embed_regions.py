@@ -10,6 +10,12 @@ import click
 from ..config import BACKENDS, DECODES, DEFAULT_PRESET, DEVICES, PRECISIONS, READERS, field_default as _d
 
 
+# `--decode auto` without a GPU model: region blocks stay with the slide reader, which read them
+# faster than the raw CPU path on JPEG slides (benchmarks/results/decode_cpu.json, region_blocks:
+# raw/cuCIM 0.88 on CMU-1, 0.74 on 4:2:0 JPEG, 1.06 on JPEG 2000, 2 threads on 2 cores).
+REGION_AUTO_CPU = "region blocks read by the slide reader (faster than the raw CPU path on JPEG: benchmarks/results/decode_cpu.json)"
+
+
 def backbone_stage(model, weights, *, device, backend, precision, batch_size, seed, tile_size=None):
     """(LoadedBackbone, ModelStage without a head): the backbone half of the scoring stage."""
     from ..backends import select_backend
@@ -112,7 +118,7 @@ def run_region_embedding(slides, out_dir, *, magnifications, region_tiles, model
             if loaded is None:          # the first readable slide: load the model, create the folder
                 backbone, stage = backbone_stage(model, weights, device=device, backend=backend,
                                                  precision=precision, batch_size=batch_size, seed=seed)
-                request = resolve_decode(decode, stage.backend.device)
+                request = resolve_decode(decode, stage.backend.device, auto_cpu=REGION_AUTO_CPU)
                 loaded = (backbone, stage, backbone_provenance(backbone, stage), request)
                 check_out_dir(out)
         except BaseException:

@@ -6,8 +6,11 @@
     openslide  regions read by OpenSlide
     auto       gpu when the model runs on a GPU and nvImageCodec is installed; else cpu when
                nvImageCodec is installed (the GPU path's code on the CPU backend, one code path
-               everywhere; benchmarks/results/decode_cpu.json: 1.17x cuCIM's batch read on JPEG 2000,
-               0.87-0.98x on JPEG, a few % of a CPU backbone's time either way); else the slide reader
+               everywhere; benchmarks/results/decode_cpu.json: 1.10x cuCIM's batch read on JPEG 2000,
+               0.82-0.97x on JPEG, a few % of a CPU backbone's time either way); else the slide reader.
+               The region path (embed-regions) keeps the slide reader for `auto` without a GPU
+               model (`resolve_decode(auto_cpu=...)`): its per-region block reads measured faster
+               with cuCIM on JPEG.
 
 The raw path needs a tiled TIFF-family level with JPEG or JPEG 2000 tiles (raw_tiles.py). Where it
 cannot be used (NDPI strips, MRXS, deflate tiles, odd photometrics) or where its test tile does
@@ -55,9 +58,10 @@ class DecodeRequest:
     why: str
 
 
-def resolve_decode(decode: str, device) -> DecodeRequest:
+def resolve_decode(decode: str, device, *, auto_cpu: str | None = None) -> DecodeRequest:
     """Resolve `--decode` for a model on `device`; raises BackendUnavailable when an explicit
-    `--decode gpu|cpu` cannot be honoured at all."""
+    `--decode gpu|cpu` cannot be honoured at all. `auto_cpu`: where `auto` on a machine without a
+    GPU model should keep the slide reader instead of the raw CPU path, the reason why."""
     from .nvimgcodec_decoder import cpu_decode_available, gpu_decode_available
 
     if decode not in DECODES:
@@ -79,6 +83,8 @@ def resolve_decode(decode: str, device) -> DecodeRequest:
         ok, why = gpu_decode_available()
         if ok:
             return DecodeRequest("gpu", "auto: the model runs on a GPU, so tiles are decoded there")
+    if auto_cpu is not None:
+        return DecodeRequest(None, f"auto: no GPU in use; {auto_cpu}")
     ok, why_cpu = cpu_decode_available()
     if ok:
         return DecodeRequest("cpu", "auto: no GPU in use; stored tiles decoded by nvImageCodec's CPU backend")
