@@ -21,9 +21,10 @@ is recorded as skipped.
 
 Region blocks (`region_blocks`): the region path's reads (`embed-regions`, 5/10/20x, r = 1, the
 tissue regions with --min-tissue 0.25): every region's tiles at every magnification, with each
-level's block pasted from raw-decoded stored tiles (`raw_cpu`) or read by cuCIM (`cucim`), by
-`--workers` threads each reading whole regions as regions/embed.py does; regions/s, interleaved
-passes, the same statistics.
+level's block pasted from raw-decoded stored tiles (`raw_cpu`: each stored tile decoded once per
+pass, regions/blocks.py) or read by cuCIM (`cucim`: one read_region per block), by `--workers`
+threads each reading whole regions as regions/embed.py does; regions/s, interleaved passes, the
+same statistics.
 
 Slides: CMU-1-Small-Region (Aperio JPEG), the TCGA slide (Aperio JPEG 2000) and a 12k x 9k
 synthetic generic TIFF (JPEG YCbCr 4:2:0) written to /tmp by synthetic_slide.py.
@@ -140,6 +141,7 @@ def region_pass(slide, plan, blocks, workers: int, rounds: int) -> float:
     t = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         for _ in range(rounds):
+            blocks.expect(plan)     # a pass over the plan, as embed-regions makes one per slide
             for _ in pool.map(lambda i: read_region_tiles(slide, plan, i, blocks=blocks), range(len(plan))):
                 pass
     return time.perf_counter() - t

@@ -441,7 +441,11 @@ REGION_MAGS = (5.0, 10.0, 20.0)
 ])
 def test_region_blocks_from_raw_tiles_equal_reader(request, name, mpp, tile_size, levels, tolerance):
     """Every region's tiles at every magnification, from blocks pasted out of raw-decoded stored
-    tiles, equal the slide reader's (edge regions, whose blocks reach past the level, included)."""
+    tiles, equal the slide reader's (edge regions, whose blocks reach past the level, included);
+    each stored tile is decoded once however many region blocks overlap it, by one thread or by
+    four at once, and none is held after the last block that needs it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from jwth_engine.regions.blocks import BlockSource
     from jwth_engine.regions.planning import RegionLayout, plan_regions, read_region_tiles
     from jwth_engine.slide import resolve_mpp
@@ -451,20 +455,44 @@ def test_region_blocks_from_raw_tiles_equal_reader(request, name, mpp, tile_size
         plan = plan_regions(slide, slide_mpp=resolve_mpp(slide.info, mpp), layout=RegionLayout(REGION_MAGS, 1, tile_size),
                             min_tissue=0.0)
         assert [level for level, _ in plan.level_blocks()] == levels
-        blocks = BlockSource.open(slide, levels, CPU)
+        # Stored tiles the blocks touch, counted here from the geometry alone.
+        touched, distinct = 0, set()
+        for level in levels:
+            (tw, th), ds = slide.info.level_tile_sizes[level], plan.level_downsamples[level]
+            (width, height), size = slide.info.level_dimensions[level], math.ceil(plan.span0 / ds) + 1
+            for x0, y0 in plan.boxes:
+                lx, ly = math.floor(x0 / ds), math.floor(y0 / ds)
+                cols = range(lx // tw, (min(lx + size, width) - 1) // tw + 1)
+                rows = range(ly // th, (min(ly + size, height) - 1) // th + 1)
+                touched += len(cols) * len(rows)
+                distinct.update((level, c, r) for c in cols for r in rows)
+        assert touched > len(distinct)           # blocks do share stored tiles
+        blocks = BlockSource.open(slide, levels, CPU, plan=plan)
         try:
             assert set(blocks.decoder_names().values()) == {"nvimgcodec-cpu"}, blocks.describe()
+            first = blocks.tiles_decoded          # the test tile of each level
             widths = [slide.info.level_dimensions[level][0] for level in levels]
-            reaches_past = False
+            ours, reaches_past = [], False
             for index in range(len(plan)):
-                ours = read_region_tiles(slide, plan, index, blocks=blocks)
+                ours.append(read_region_tiles(slide, plan, index, blocks=blocks))
                 theirs = read_region_tiles(slide, plan, index)
-                assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= tolerance, index
+                assert np.abs(ours[-1].astype(int) - theirs.astype(int)).max() <= tolerance, index
                 x0 = int(plan.boxes[index][0])
-                reaches_past |= any(x0 / slide.info.level_downsamples[lv] + plan.span0 / slide.info.level_downsamples[lv]
-                                    > w for lv, w in zip(levels, widths))
+                reaches_past |= any((x0 + plan.span0) / slide.info.level_downsamples[lv] > w
+                                    for lv, w in zip(levels, widths))
             assert reaches_past          # the white outside the level is tested too
-            assert blocks.tiles_decoded > len(levels)      # more than the test tiles
+            assert blocks.tiles_decoded - first == len(distinct)
+            assert 0 < blocks.tiles_held_max < len(distinct)
+            assert all(shared.held == 0 for shared in blocks._shared.values())
+            # Again, four threads at once: the same pixels, still one decode per stored tile.
+            blocks.expect(plan)
+            before = blocks.tiles_decoded
+            with ThreadPoolExecutor(4) as pool:
+                again = list(pool.map(lambda i: read_region_tiles(slide, plan, i, blocks=blocks), range(len(plan))))
+            for a, b in zip(ours, again):
+                np.testing.assert_array_equal(a, b)
+            assert blocks.tiles_decoded - before == len(distinct)
+            assert all(shared.held == 0 for shared in blocks._shared.values())
         finally:
             blocks.close()
 
@@ -500,6 +528,10 @@ def test_embed_regions_decode_cpu_equals_reader_and_is_recorded(cli_cmd, cmu_sma
 
     proc = run(cmu_small, "--out", tmp_path / "x", "--decode", "openslide", "--reader", "cucim")
     assert proc.returncode == 2 and "contradicts" in proc.stderr and not (tmp_path / "x").exists(), proc.stderr
+    if not torch.cuda.is_available():     # fails before a slide is opened or the model loaded
+        proc = run(cmu_small, "--out", tmp_path / "x", "--decode", "gpu")
+        assert proc.returncode == 2 and "--decode gpu: no CUDA GPU" in proc.stderr, proc.stderr
+        assert "backbone" not in proc.stderr and not (tmp_path / "x").exists(), proc.stderr
     bad = tmp_path / "truncated.svs"
     _truncate_tile(cmu_small, bad, 2, 3)
     proc = run(bad, "--out", tmp_path / "bad", "--decode", "cpu", "--min-tissue", "0")

@@ -102,7 +102,7 @@ def extract_slide(prepared: PreparedSlide, out_dir: str | os.PathLike | None, st
     blocks = None
     try:
         blocks = BlockSource.open(prepared.slide, [level for level, _ in plan.level_blocks()], decode,
-                                  device=getattr(stage.backend, "device", None))
+                                  device=getattr(stage.backend, "device", None), plan=plan)
         attrs["decode"] = blocks.describe()
         if out_dir is None:
             embed_regions(prepared.slide, plan, stage, batch_size=batch_size, num_workers=num_workers,
