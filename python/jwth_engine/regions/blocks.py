@@ -7,8 +7,9 @@ bytes; a level the raw path cannot take is read by the slide reader, and `descri
 level by level (it goes into the feature file's attributes).
 
 Neighbouring regions' blocks overlap the same stored tiles (a block is the region's extent plus
-one pixel, and region edges do not fall on stored-tile edges): 1.2x more stored tiles touched than
-distinct ones at level 0 of the test slides, 1.7x at the synthetic slide's level 1. On the raw path
+one pixel, and region edges do not fall on stored-tile edges): 1.2-1.3x more stored tiles touched
+than distinct ones at the main level of the test slides, 1.7x at the synthetic slide's level 1
+(5/10/20x, 224 px tiles). On the raw path
 each stored tile is decoded once: `expect(plan)` counts the blocks that need each tile, a decoded
 tile is kept while another block still needs it and dropped after the last one (row-major regions
 hold about one row of boundary tiles), and a thread wanting a tile another thread is decoding
@@ -23,7 +24,6 @@ the costly part, leaves the CPU; the region path does not keep pixels on the dev
 
 from __future__ import annotations
 
-import math
 import threading
 from collections import Counter
 
@@ -104,7 +104,6 @@ class BlockSource:
         self._choices = dict(choices or {})
         self._local = threading.local()
         self._made: list = []               # every per-thread TileDecoder, closed with the source
-        self._claimed: set[int] = set()     # levels whose checked decoder a thread has taken
         self._shared: dict[int, SharedTiles] = {level: SharedTiles() for level, choice in self._choices.items()
                                                 if choice.decoder is not None}
         self._lock = threading.Lock()
@@ -136,11 +135,9 @@ class BlockSource:
         (once per pass over the plan: a tile read more often than counted is decoded again)."""
         for level, shared in self._shared.items():
             raw = self._choices[level].decoder.raw
-            ds = float(plan.level_downsamples[level])
-            size = math.ceil(plan.span0 / ds) + 1           # planning._block_size
             uses: Counter = Counter()
-            for x0, y0 in plan.boxes:
-                uses.update(self._tile_ids(raw, math.floor(int(x0) / ds), math.floor(int(y0) / ds), size)[0])
+            for index in range(len(plan)):
+                uses.update(self._tile_ids(raw, *plan.block_window(index, level))[0])
             shared.expect(uses)
 
     @staticmethod
@@ -184,8 +181,8 @@ class BlockSource:
         return block.cpu().numpy() if decoder.backend == "gpu" else block
 
     def _decoder(self, level: int, choice):
-        """This thread's TileDecoder of `level`: the checked one for the first thread, then new
-        single-threaded ones on the same open file."""
+        """This thread's single-threaded TileDecoder of `level`, on the open file of the checked
+        decoder (which keeps the file and counts the test tile)."""
         mine = getattr(self._local, "decoders", None)
         if mine is None:
             mine = self._local.decoders = {}
@@ -193,16 +190,11 @@ class BlockSource:
         if decoder is None:
             from ..slide.nvimgcodec_decoder import TileDecoder
 
+            checked = choice.decoder
+            decoder = mine[level] = TileDecoder(checked.source, checked.raw, backend=checked.backend,
+                                                device=checked.device, stream=None, num_threads=1)
             with self._lock:
-                claimed = level in self._claimed
-                self._claimed.add(level)
-            first = choice.decoder
-            decoder = first if not claimed else TileDecoder(first.source, first.raw, backend=first.backend,
-                                                            device=first.device, stream=None, num_threads=1)
-            if decoder is not first:
-                with self._lock:
-                    self._made.append(decoder)
-            mine[level] = decoder
+                self._made.append(decoder)
         return decoder
 
     @property

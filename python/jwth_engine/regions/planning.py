@@ -26,8 +26,8 @@ import numpy as np
 
 from ..config import field_default
 from ..errors import ConfigError, MppError
-from ..slide.base import level_to_level0
 from ..tiling import LEVEL_MPP_TOLERANCE, choose_level
+from .blocks import BlockSource
 
 MICRONS_AT_1X = 10.0   # magnification m <-> 10/m µm/px (20x = 0.5, 10x = 1.0, 5x = 2.0)
 
@@ -162,6 +162,13 @@ class RegionPlan:
             groups.setdefault(read.level, []).append(i)
         return sorted(groups.items())
 
+    def block_window(self, index: int, level: int) -> tuple[int, int, int]:
+        """(lx, ly, size): the size x size window of `level` that region `index`'s block reads,
+        starting at the level pixel that holds the region's corner."""
+        x0, y0 = (int(v) for v in self.boxes[index])
+        ds = float(self.level_downsamples[level])
+        return math.floor(x0 / ds), math.floor(y0 / ds), _block_size(self.span0, ds)
+
     def block_read_px(self) -> int:
         """Level pixels decoded per region (all its blocks)."""
         return sum(_block_size(self.span0, float(self.level_downsamples[level])) ** 2
@@ -240,16 +247,14 @@ def read_region_tiles(slide, plan: RegionPlan, index: int, out: np.ndarray | Non
     layout, T = plan.layout, plan.layout.tile_size
     if out is None:
         out = np.empty((layout.length, T, T, 3), np.uint8)
+    if blocks is None:
+        blocks = BlockSource(slide)
     x0, y0 = (int(v) for v in plan.boxes[index])
     starts = np.cumsum([0] + [r.tiles_per_side ** 2 for r in plan.reads])
     for level, members in plan.level_blocks():
         ds = plan.level_downsamples[level]
-        lx, ly = math.floor(x0 / ds), math.floor(y0 / ds)
-        size = _block_size(plan.span0, ds)
-        if blocks is None:
-            block = slide.read_region((level_to_level0(lx, ds), level_to_level0(ly, ds)), level, (size, size))
-        else:
-            block = blocks.read(level, lx, ly, size)
+        lx, ly, size = plan.block_window(index, level)
+        block = blocks.read(level, lx, ly, size)
         extent = plan.span0 / ds
         box = (x0 / ds - lx, y0 / ds - ly, x0 / ds - lx + extent, y0 / ds - ly + extent)
         for i in members:
