@@ -620,11 +620,15 @@ def test_gpu_pipeline_preprocesses_from_device_buffers(cmu_small):
 
 
 def test_gpu_region_blocks_match_cpu(cmu_small):
-    """The region path's `--decode gpu`: stored tiles decoded and pasted on the device, the block
-    copied to the host once; equal to the CPU backend's within the GPU IDCT's tolerance."""
+    """The region path's `--decode gpu`: stored tiles decoded and pasted on the device, and the
+    block stays there: the area filter and the tile cut run on it (no device-to-host copy, checked
+    with the profiler), and the tiles equal the CPU backend's within the GPU IDCT's tolerance."""
     _need_gpu()
+    from torch.profiler import ProfilerActivity, profile
+
     from jwth_engine.regions.blocks import BlockSource
     from jwth_engine.regions.planning import RegionLayout, plan_regions, read_region_tiles
+    from jwth_engine.regions.resample import box_resample, cut_tiles
     from jwth_engine.slide import resolve_mpp
 
     with open_slide(cmu_small) as slide:
@@ -634,11 +638,24 @@ def test_gpu_region_blocks_match_cpu(cmu_small):
         cpu = BlockSource.open(slide, [0], CPU)
         try:
             assert gpu.decoder_names() == {"0": "nvimgcodec-gpu"}, gpu.describe()
+            assert gpu.device is not None and gpu.device.type == "cuda"
             for index in range(len(plan)):
                 ours = read_region_tiles(slide, plan, index, blocks=gpu)
+                assert isinstance(ours, torch.Tensor) and ours.is_cuda
                 theirs = read_region_tiles(slide, plan, index, blocks=cpu)
-                diff = np.abs(ours.astype(int) - theirs.astype(int))
+                diff = np.abs(ours.cpu().numpy().astype(int) - theirs.astype(int))
                 assert diff.mean() <= 1.0 and diff.max() <= 24, (index, diff.mean(), diff.max())
+            # The filter and cut of a device block, profiled: kernels ran, nothing came back to the host.
+            lx, ly, size = plan.block_window(0, 0)
+            block = gpu.read(0, lx, ly, size)
+            out = torch.empty((16, 224, 224, 3), dtype=torch.uint8, device=block.device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                cut_tiles(box_resample(block, (0.5, 0.25, 896.5, 896.25), 4 * 224), 4, 224, out)   # sub-pixel
+                cut_tiles(box_resample(block, (0, 0, 896, 896), 224), 1, 224, out[:1])             # reduce by 4
+                torch.cuda.synchronize()
+            names = [e.name for e in prof.events()]
+            assert any("index_select" in n or "sum" in n for n in names), names[:20]
+            assert not [n for n in names if "DtoH" in n or "Device -> Pageable" in n], names
         finally:
             gpu.close()
             cpu.close()

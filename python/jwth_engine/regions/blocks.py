@@ -17,9 +17,11 @@ waits for it instead of decoding it again.
 
 Region blocks are read by several threads at once (regions/embed.py), and a TileDecoder is driven
 by one thread: each thread decodes with its own single-threaded TileDecoder per level, all sharing
-the level's open file. On the GPU the stored tiles are decoded and pasted on the device, and the
-block is then copied to the host, where the area filter (PIL) and the tile cut run: the decode,
-the costly part, leaves the CPU; the region path does not keep pixels on the device as `score` does.
+the level's open file. On the GPU the stored tiles are decoded and pasted on the device and the
+block stays there: the area filter and the tile cut run on it (regions/resample.py, Pillow's
+arithmetic in torch) and the tiles go to the model's preprocessing without a host copy, as in
+`score`. When some level of a GPU source is read by the slide reader (the raw path could not take
+it), its blocks are copied to the device, so that one region's tiles live in one place.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ class BlockSource:
         """`choices`: level -> slide.decoding.RawDecodeChoice (levels absent: the slide reader)."""
         self.slide = slide
         self._choices = dict(choices or {})
+        # Where blocks are returned: the GPU when any level decodes there, else host numpy arrays.
+        self.device = next((c.decoder.device for c in self._choices.values()
+                            if c.decoder is not None and c.decoder.backend == "gpu"), None)
         self._local = threading.local()
         self._made: list = []               # every per-thread TileDecoder, closed with the source
         self._shared: dict[int, SharedTiles] = {level: SharedTiles() for level, choice in self._choices.items()
@@ -157,11 +162,22 @@ class BlockSource:
     def decoder_names(self) -> dict:
         return {str(level): choice.name for level, choice in sorted(self._choices.items())}
 
-    def read(self, level: int, lx: int, ly: int, size: int) -> np.ndarray:
+    def read(self, level: int, lx: int, ly: int, size: int):
+        """numpy [size, size, 3] uint8, or a torch tensor on `self.device` when that is set."""
         choice = self._choices.get(level)
         if choice is None or choice.decoder is None:
             ds = float(self.slide.info.level_downsamples[level])
-            return self.slide.read_region((level_to_level0(lx, ds), level_to_level0(ly, ds)), level, (size, size))
+            block = self.slide.read_region((level_to_level0(lx, ds), level_to_level0(ly, ds)), level, (size, size))
+        else:
+            block = self._paste(level, choice, lx, ly, size)
+        if self.device is not None and isinstance(block, np.ndarray):
+            import torch
+
+            block = torch.from_numpy(np.ascontiguousarray(block)).to(self.device)
+        return block
+
+    def _paste(self, level: int, choice, lx: int, ly: int, size: int):
+        """The window pasted from the level's stored tiles, decoded raw (each once, SharedTiles)."""
         decoder = self._decoder(level, choice)
         raw = decoder.raw
         ids, cols, rows = self._tile_ids(raw, lx, ly, size)
@@ -177,8 +193,7 @@ class BlockSource:
         # part outside the level white.
         paste_units(block, lx, ly, units, (raw.tile_w, raw.tile_h), raw.tiles_across, raw.tiles_down, cols, rows)
         shared.done(ids)
-        # GPU: one device-to-host copy of the block, ordered after the decode on this thread's stream.
-        return block.cpu().numpy() if decoder.backend == "gpu" else block
+        return block
 
     def _decoder(self, level: int, choice):
         """This thread's single-threaded TileDecoder of `level`, on the open file of the checked

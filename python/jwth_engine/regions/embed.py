@@ -27,6 +27,7 @@ from ..config import field_default
 from ..pipeline.memory import HeapTrimmer
 from ..pipeline.queues import BoundedQueue, Closed
 from .planning import RegionPlan, read_region_tiles
+from .resample import empty_like_tiles
 
 _END = object()
 
@@ -109,7 +110,7 @@ def embed_regions(slide, plan: RegionPlan, stage, *, batch_size: int, sink: Call
     busy = [0.0]
     thread = threading.Thread(target=_reader, name="jwth-region-reader", daemon=True,
                               args=(slide, plan, num_workers, queue, busy, blocks))
-    batch = np.empty((batch_size, T, T, 3), np.uint8)
+    batch = None        # uint8 [batch_size, T, T, 3] where the tiles arrive: host, or the GPU they were decoded on
     fill = 0
     owners: list[tuple[int, int, int]] = []    # (region, first slot, count) of the tiles in `batch`
     open_regions: dict[int, np.ndarray] = {}   # region -> [L, D] features being filled
@@ -153,6 +154,8 @@ def embed_regions(slide, plan: RegionPlan, stage, *, batch_size: int, sink: Call
             if isinstance(item, _Failure):
                 raise item.exc
             region, tiles = item
+            if batch is None:
+                batch = empty_like_tiles(tiles, (batch_size, T, T, 3))
             first = 0
             while first < L:
                 count = min(L - first, batch_size - fill)

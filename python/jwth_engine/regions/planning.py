@@ -28,6 +28,7 @@ from ..config import field_default
 from ..errors import ConfigError, MppError
 from ..tiling import LEVEL_MPP_TOLERANCE, choose_level
 from .blocks import BlockSource
+from .resample import box_resample, cut_tiles, empty_like_tiles
 
 MICRONS_AT_1X = 10.0   # magnification m <-> 10/m µm/px (20x = 0.5, 10x = 1.0, 5x = 2.0)
 
@@ -217,36 +218,17 @@ def plan_regions(slide, *, slide_mpp: float, layout: RegionLayout, tissue=None, 
                       fraction[keep], int(len(boxes)), (rows, cols), tuple(float(d) for d in info.level_downsamples))
 
 
-def _resample(block: np.ndarray, box: tuple[float, float, float, float], size: int) -> np.ndarray:
-    """Area-filter the sub-pixel `box` (left, top, right, bottom in block pixels) of `block` to size x size."""
-    from PIL import Image
-
-    left, top, right, bottom = box
-    factor = (right - left) / size
-    if left == int(left) and top == int(top) and factor == int(factor) and (bottom - top) == (right - left):
-        crop = block[int(top):int(bottom), int(left):int(right)]
-        if factor == 1:
-            return crop
-        return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).reduce(int(factor)))   # exact box mean, fast
-    return np.asarray(Image.fromarray(block).resize((size, size), Image.Resampling.BOX, box=box, reducing_gap=None))
-
-
-def _cut(image: np.ndarray, n: int, tile: int, out: np.ndarray) -> None:
-    """Row-major n x n tiles of `image` into out[n*n, tile, tile, 3]."""
-    out[:] = image.reshape(n, tile, n, tile, 3).transpose(0, 2, 1, 3, 4).reshape(n * n, tile, tile, 3)
-
-
-def read_region_tiles(slide, plan: RegionPlan, index: int, out: np.ndarray | None = None, blocks=None) -> np.ndarray:
+def read_region_tiles(slide, plan: RegionPlan, index: int, out=None, blocks=None):
     """Every tile of region `index` in sequence order: uint8 [L, T, T, 3].
 
     Each level's block starts at the level pixel holding the region's corner and the region's exact
     (sub-pixel) extent within it is what gets resampled, so levels with non-integer downsamples, or
     region corners that fall between a coarse level's pixels, stay aligned with level 0. `blocks`
-    (regions/blocks.BlockSource) reads the blocks; by default the slide reader does.
+    (regions/blocks.BlockSource) reads the blocks; by default the slide reader does. Blocks read on
+    the host give a numpy array; blocks decoded on the GPU stay there and give a tensor on its
+    device (resampled with the same arithmetic, regions/resample.py).
     """
     layout, T = plan.layout, plan.layout.tile_size
-    if out is None:
-        out = np.empty((layout.length, T, T, 3), np.uint8)
     if blocks is None:
         blocks = BlockSource(slide)
     x0, y0 = (int(v) for v in plan.boxes[index])
@@ -255,9 +237,11 @@ def read_region_tiles(slide, plan: RegionPlan, index: int, out: np.ndarray | Non
         ds = plan.level_downsamples[level]
         lx, ly, size = plan.block_window(index, level)
         block = blocks.read(level, lx, ly, size)
+        if out is None:
+            out = empty_like_tiles(block, (layout.length, T, T, 3))
         extent = plan.span0 / ds
         box = (x0 / ds - lx, y0 / ds - ly, x0 / ds - lx + extent, y0 / ds - ly + extent)
         for i in members:
             n = plan.reads[i].tiles_per_side
-            _cut(_resample(block, box, n * T), n, T, out[starts[i]:starts[i + 1]])
+            cut_tiles(box_resample(block, box, n * T), n, T, out[starts[i]:starts[i + 1]])
     return out
