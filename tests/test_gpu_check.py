@@ -68,3 +68,28 @@ def test_unknown_argument_is_one_clear_line(data_dir):
     proc = subprocess.run(["bash", str(SCRIPT), "--gpus", "2"], capture_output=True, text=True, cwd=REPO,
                           env=_env(data_dir), timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == "gpu_check.sh: unknown argument --gpus (see --help)"
+
+
+def _carried_wheels() -> dict[str, str]:
+    """name -> version of the wheels benchmarks/gpu_wheels.txt has `download` fetch (comments skipped)."""
+    wheels = {}
+    for line in (REPO / "benchmarks" / "gpu_wheels.txt").read_text().splitlines():
+        spec = line.split("#", 1)[0].strip()
+        if spec:
+            name, version = spec.split("==")
+            wheels[name.lower()] = version
+    return wheels
+
+
+@pytest.mark.parametrize("library", ["libnvjpeg.so", "libnvjpeg2k.so"])
+def test_carried_wheels_hold_nvimagecodecs_gpu_codecs(library):
+    """nvImageCodec's GPU JPEG / JPEG 2000 extensions dlopen these from beside its own folder
+    (RUNPATH $ORIGIN/../../cu13/lib, ../../nvjpeg2k/lib); the GPU image has neither, so the wheels
+    that installed them here must be carried, at the version tested here."""
+    from importlib import metadata
+
+    providers = {dist.metadata["Name"].lower(): dist.version for dist in metadata.distributions()
+                 if any(Path(str(f)).name.startswith(library) and "nvidia" in str(f) for f in dist.files or ())}
+    assert providers, f"no installed distribution ships {library} (install jwth-engine[cu13])"
+    carried = _carried_wheels()
+    assert any(carried.get(name) == version for name, version in providers.items()), (library, providers, carried)
