@@ -15,17 +15,20 @@ import math
 import shutil
 import struct
 import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from _gpu import gpu_skip
 
 from jwth_engine.errors import BackendUnavailable, ConfigError, SlideError
 from jwth_engine.pipeline import TilePrefetcher
 from jwth_engine.pipeline.locality import GridReader, iter_batches
 from jwth_engine.slide import open_slide
 from jwth_engine.slide.decoding import DecodeRequest, choose_decoder, reader_for, resolve_decode
+from jwth_engine.slide.nvimgcodec_check import codec_checks, gpu_decode_available
 from jwth_engine.slide.nvimgcodec_decoder import TileDecoder, ycbcr_to_rgb
 from jwth_engine.slide.raw_tiles import RawLevelUnavailable, RawTileSource
 from jwth_engine.tiling import plan_tiles
@@ -544,11 +547,13 @@ def test_embed_regions_decode_cpu_equals_reader_and_is_recorded(cli_cmd, cmu_sma
 # --- GPU: run wherever a GPU is present ----------------------------------------------------------
 
 def _need_gpu():
+    """Skips without a GPU or a working GPU decoder; with JWTH_REQUIRE_GPU=1 (the GPU check) that
+    skip is a failure, so a GPU machine missing nvJPEG cannot pass these tests by skipping them."""
     if not _gpu():
-        pytest.skip("no CUDA GPU visible to torch: the GPU decode path cannot run here")
-    ok, why = __import__("jwth_engine.slide.nvimgcodec_decoder", fromlist=["x"]).gpu_decode_available()
+        gpu_skip("no CUDA GPU visible to torch: the GPU decode path cannot run here")
+    ok, why = gpu_decode_available()
     if not ok:
-        pytest.skip(f"GPU decode unavailable: {why}")
+        gpu_skip(f"GPU decode unavailable: {why}")
 
 
 @pytest.mark.parametrize("name", ["cmu_small", "tcga_jp2k"])
@@ -590,7 +595,7 @@ def test_gpu_pipeline_preprocesses_from_device_buffers(cmu_small):
     from jwth_engine.pipeline import ModelStage, PipelineStats, run_streaming
 
     if not _native.cuda_compiled():
-        pytest.skip("jwth_engine._C built without CUDA kernels")
+        gpu_skip("jwth_engine._C built without CUDA kernels")
     tiny = "test_tiny_patch14_reg4"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -661,6 +666,62 @@ def test_gpu_region_blocks_match_cpu(cmu_small):
             cpu.close()
 
 
+def test_codec_checks_decode_both_codecs_on_the_cpu():
+    checks = codec_checks("cpu")
+    assert {codec: check.ok for codec, check in checks.items()} == {"jpeg": True, "jpeg2000": True}, checks
+    assert checks["jpeg"].detail == "max |Δ| vs Pillow's decode 0"
+
+
+_MISSING_CODEC_SCRIPT = """
+import json, sys
+from jwth_engine.slide import open_slide
+from jwth_engine.slide.decoding import DecodeRequest, choose_decoder, resolve_decode
+from jwth_engine.slide.nvimgcodec_check import codec_checks
+out = {"checks": {codec: [check.ok, check.detail] for codec, check in codec_checks("cpu").items()},
+       "resolve": resolve_decode("cpu", None).backend}
+for name, path in (("jpeg2000", sys.argv[1]), ("jpeg", sys.argv[2])):
+    with open_slide(path) as slide:
+        choice = choose_decoder(slide, 0, DecodeRequest("cpu", "requested"))
+        out[name] = [choice.name, choice.note]
+        if choice.decoder is not None:
+            choice.decoder.close()
+print(json.dumps(out))
+"""
+
+
+def test_a_codec_whose_extension_is_missing_sends_its_slides_to_the_reader(tmp_path, tcga_jp2k, cmu_small, cli_cmd):
+    """nvImageCodec with its libjpeg-turbo extension alone (NVIMGCODEC_EXTENSIONS_PATH) has no JPEG
+    2000 decoder, as a GPU image without nvJPEG2000 has none on the GPU: decodes of that codec give
+    no image, which the tile decoder could only call corrupt. The check finds it up front: a JPEG
+    2000 level goes to the slide reader with the reason, JPEG keeps the raw path, doctor names it."""
+    import json
+    import os
+    from pathlib import Path
+
+    from nvidia import nvimgcodec
+
+    only = tmp_path / "extensions"
+    only.mkdir()
+    for lib in (Path(nvimgcodec.__file__).parent / "extensions").glob("libjpeg_turbo_ext.so*"):
+        (only / lib.name).symlink_to(lib)
+    env = dict(os.environ, NVIMGCODEC_EXTENSIONS_PATH=str(only))
+    proc = subprocess.run([sys.executable, "-c", _MISSING_CODEC_SCRIPT, str(tcga_jp2k), str(cmu_small)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["checks"]["jpeg"][0] is True and out["checks"]["jpeg2000"] == [False, "no CPU JPEG 2000 decoder loaded"]
+    assert out["resolve"] == "cpu"                     # one codec works: --decode cpu stands
+    name, note = out["jpeg2000"]
+    assert name == "cucim" and note == ("nvImageCodec's CPU backend cannot decode JPEG 2000 here (no CPU JPEG 2000 "
+                                        "decoder loaded); cucim decodes"), note
+    assert out["jpeg"][0] == "nvimgcodec-cpu", out["jpeg"]
+    proc = subprocess.run(cli_cmd + ["doctor", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["decode_cpu"].startswith("available")
+    assert report["decode_cpu_check"]["JPEG 2000"] == "FAILED: no CPU JPEG 2000 decoder loaded"
+
+
 def test_doctor_reports_decoders(cli_cmd):
     import json
 
@@ -669,5 +730,6 @@ def test_doctor_reports_decoders(cli_cmd):
     report = json.loads(proc.stdout)
     assert report["nvimgcodec"] != "not installed"
     assert report["decode_cpu"].startswith("available")
-    assert report["decode_cpu_check"].startswith("ok") and report["decode_cpu_check"].endswith(" 0)")
+    assert report["decode_cpu_check"] == {"JPEG": "ok (max |Δ| vs Pillow's decode 0)",
+                                          "JPEG 2000": "ok (max |Δ| vs Pillow's decode 0)"}
     assert report["decode_gpu"].startswith("available") == _gpu() or "nvImageCodec" in report["decode_gpu"]

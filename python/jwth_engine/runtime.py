@@ -13,7 +13,7 @@ from .backends.base import library_versions as _collect_versions
 from .backends.onnxruntime_backend import onnxruntime_status
 from .backends.select import cpu_flags, cpu_has_native_bf16
 from .backends.tensorrt_backend import tensorrt_status
-from .slide.nvimgcodec_decoder import describe_decoders
+from .slide.nvimgcodec_check import describe_decoders
 
 # Distributions whose versions decide results or speed (read from metadata: nothing is imported).
 RUN_DISTS = ("jwth-engine", "timm", "numpy", "pyarrow", "cucim-cu12", "cucim-cu13", "nvidia-nvimgcodec-cu12",

@@ -62,7 +62,7 @@ def resolve_decode(decode: str, device, *, auto_cpu: str | None = None) -> Decod
     """Resolve `--decode` for a model on `device`; raises BackendUnavailable when an explicit
     `--decode gpu|cpu` cannot be honoured at all. `auto_cpu`: where `auto` on a machine without a
     GPU model should keep the slide reader instead of the raw CPU path, the reason why."""
-    from .nvimgcodec_decoder import cpu_decode_available, gpu_decode_available
+    from .nvimgcodec_check import cpu_decode_available, gpu_decode_available
 
     if decode not in DECODES:
         raise ConfigError(f"--decode must be one of {', '.join(DECODES)}, got {decode!r}")
@@ -112,7 +112,8 @@ def choose_decoder(slide, level: int, request: DecodeRequest, *, device=None, st
     backend, why = request.backend, request.why
     if backend is None:
         return RawDecodeChoice(None, reader_name, f"{why}; {reader_name} decodes")
-    from .nvimgcodec_decoder import TileDecoder
+    from .nvimgcodec_check import codec_unavailable
+    from .nvimgcodec_decoder import TileDecoder, cuda_device
     from .raw_tiles import RawLevelUnavailable, RawTileSource
 
     path = slide.path
@@ -128,6 +129,13 @@ def choose_decoder(slide, level: int, request: DecodeRequest, *, device=None, st
         raw = source.level(level)
     except RawLevelUnavailable as exc:
         return RawDecodeChoice(None, reader_name, f"raw tiles unusable: {exc}{fallback}")
+    # A codec whose extension did not load (a GPU image without nvJPEG2000) would make every tile
+    # look corrupt: the slide reader takes such a level, and the note says why.
+    device_id = cuda_device(device)[1] if backend == "gpu" else 0
+    missing = codec_unavailable(backend, device_id, raw.codec)
+    if missing is not None:
+        source.close()
+        return RawDecodeChoice(None, reader_name, f"{missing}{fallback}")
     decoder = TileDecoder(source, raw, backend=backend, device=device, stream=stream, num_threads=num_threads)
     try:
         stats = compare_test_tile(slide, _test_decoder(slide, source, decoder))

@@ -83,7 +83,7 @@ def nvimgcodec_version() -> str | None:
 
 
 @dataclass(frozen=True)
-class _Key:
+class DecoderKey:
     backend: str
     device_id: int
     threads: int
@@ -93,22 +93,22 @@ class _DecoderPool:
     """nvImageCodec decoders, one user at a time each, kept for reuse across slides."""
 
     def __init__(self):
-        self._free: dict[_Key, list] = {}
+        self._free: dict[DecoderKey, list] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, key: _Key):
+    def acquire(self, key: DecoderKey):
         with self._lock:
             free = self._free.get(key)
             if free:
                 return free.pop()
         return _make_decoder(key)
 
-    def release(self, key: _Key, decoder) -> None:
+    def release(self, key: DecoderKey, decoder) -> None:
         with self._lock:
             self._free.setdefault(key, []).append(decoder)
 
 
-def _make_decoder(key: _Key):
+def _make_decoder(key: DecoderKey):
     n = import_nvimgcodec()
     if key.backend == "cpu":
         device_id = n.NVIMGCODEC_DEVICE_CPU_ONLY
@@ -127,65 +127,15 @@ def _make_decoder(key: _Key):
                                  f"{INSTALL_HINT}") from exc
 
 
-_pool = _DecoderPool()
+DECODER_POOL = _DecoderPool()
 
 
-def gpu_decode_available() -> tuple[bool, str]:
-    """(available, why not) for `--decode gpu`: nvImageCodec, a CUDA device, nvJPEG."""
-    try:
-        import_nvimgcodec()
-    except BackendUnavailable as exc:
-        return False, str(exc)
+def cuda_device(device=None):
+    """(torch.device, CUDA device index) for `device` (None: the current CUDA device)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible to torch"
-    return True, ""
-
-
-def cpu_decode_available() -> tuple[bool, str]:
-    try:
-        import_nvimgcodec()
-    except BackendUnavailable as exc:
-        return False, str(exc)
-    return True, ""
-
-
-def describe_decoders() -> dict:
-    """For `doctor`: which tile decoders `--decode` can use here, and why not."""
-    report: dict = {"nvimgcodec": nvimgcodec_version() or "not installed"}
-    ok, why = cpu_decode_available()
-    report["decode_cpu"] = "available (nvImageCodec CPU backend: libjpeg-turbo, OpenJPEG)" if ok else why
-    if ok:
-        report["decode_cpu_check"] = _self_test()
-    ok, why = gpu_decode_available()
-    report["decode_gpu"] = "available (nvImageCodec: nvJPEG hardware/CUDA decoders, nvJPEG2000)" if ok else why
-    return report
-
-
-def _self_test() -> str:
-    """Decode a small JPEG made here on the CPU backend: proves the codec extension loads."""
-    import io
-
-    from PIL import Image
-
-    pixels = np.zeros((16, 16, 3), np.uint8)
-    pixels[:, :8] = (200, 40, 120)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    n = import_nvimgcodec()
-    key = _Key("cpu", 0, 1)
-    decoder = _pool.acquire(key)
-    try:
-        image = decoder.decode(n.CodeStream(buffer.getvalue()), params=n.DecodeParams(color_spec=n.ColorSpec.SRGB))
-    finally:
-        _pool.release(key, decoder)
-    if image is None:
-        return "FAILED: the CPU backend could not decode a test JPEG"
-    buffer.seek(0)
-    reference = np.asarray(Image.open(buffer).convert("RGB"))   # Pillow's libjpeg, same stream
-    error = int(np.abs(np.asarray(image).astype(int) - reference.astype(int)).max())
-    return f"ok (a test JPEG decodes; max |Δ| vs Pillow's decode {error})"
+    device = torch.device(device if device is not None else "cuda")
+    return device, device.index if device.index is not None else torch.cuda.current_device()
 
 
 class TileDecoder:
@@ -205,14 +155,11 @@ class TileDecoder:
         n = import_nvimgcodec()
         device_id = 0
         if backend == "gpu":
-            import torch
-
-            self.device = torch.device(device if device is not None else "cuda")
-            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device, device_id = cuda_device(device)
         # CPU: one single-threaded decoder per thread (see the module docstring); GPU: one decoder.
         parts = max(1, int(num_threads)) if backend == "cpu" else 1
-        self._key = _Key(backend, device_id, 1 if backend == "cpu" else max(0, int(num_threads)))
-        self._decoders = [_pool.acquire(self._key) for _ in range(parts)]
+        self._key = DecoderKey(backend, device_id, 1 if backend == "cpu" else max(0, int(num_threads)))
+        self._decoders = [DECODER_POOL.acquire(self._key) for _ in range(parts)]
         self._threads = ThreadPoolExecutor(parts, thread_name_prefix="jwth-nvimgcodec") if parts > 1 else None
         self._count_lock = threading.Lock()
         spec = n.ColorSpec.SYCC if raw.colour == "rgb" and raw.codec == "jpeg" else (
@@ -330,7 +277,7 @@ class TileDecoder:
         """Return the decoder to the pool and (unless `keep_source`) close the file. Idempotent."""
         decoders, self._decoders = self._decoders, []
         for decoder in decoders:
-            _pool.release(self._key, decoder)
+            DECODER_POOL.release(self._key, decoder)
         if self._threads is not None:
             self._threads.shutdown(wait=True)
             self._threads = None

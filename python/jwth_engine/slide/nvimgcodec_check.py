@@ -1,0 +1,157 @@
+"""What nvImageCodec can decode here, per backend and codec, found by decoding: for `--decode`,
+`choose_decoder` and `doctor`.
+
+Importing nvImageCodec proves little: its codecs are extensions loaded at run time, and a GPU
+extension whose library is missing (libnvjpeg.so.13 from nvidia-nvjpeg, libnvjpeg2k.so.0 from
+nvidia-nvjpeg2k-cu13, neither in every CUDA image) loads nothing and says nothing; each decode
+then returns None, which the tile decoder can only report as a corrupt tile. So, once per process
+and backend, a small JPEG and a small JPEG 2000 image made here by Pillow are decoded with the
+decoder the slides will use and compared with Pillow's own decode: a codec that fails is known
+before any slide is read, named in `doctor`, and a slide stored in it goes to the slide reader
+with that reason (tests/test_raw_decode.py runs this with the JPEG 2000 extension taken away).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+from .nvimgcodec_decoder import DECODER_POOL, DecoderKey, import_nvimgcodec
+
+CODECS = {"jpeg": "JPEG", "jpeg2000": "JPEG 2000"}      # RawLevel.codec -> display name
+_PILLOW_FORMAT = {"jpeg": "JPEG", "jpeg2000": "JPEG2000"}
+# A GPU IDCT / IDWT differs from libjpeg-turbo / OpenJPEG by a few levels; a codec that does not
+# work gives no image at all, a colour mistake tens of levels.
+_MAX_ABS_DIFF = 24
+_INSTALL = {("gpu", "jpeg"): "nvidia-nvjpeg (libnvjpeg.so.13)",
+            ("gpu", "jpeg2000"): "nvidia-nvjpeg2k-cu13 (libnvjpeg2k.so.0)"}
+
+
+@dataclass(frozen=True)
+class CodecCheck:
+    ok: bool
+    detail: str          # "max |Δ| vs Pillow's decode 0", or why it failed
+
+    def __str__(self) -> str:
+        return f"ok ({self.detail})" if self.ok else f"FAILED: {self.detail}"
+
+
+_lock = threading.Lock()
+_checked: dict[tuple[str, int], dict[str, CodecCheck]] = {}
+
+
+def codec_checks(backend: str, device_id: int = 0) -> dict[str, CodecCheck]:
+    """codec ("jpeg", "jpeg2000") -> CodecCheck for nvImageCodec's `backend` ("cpu" | "gpu", on
+    CUDA device `device_id`). Cached per process. Raises BackendUnavailable when nvImageCodec
+    itself cannot be imported or a decoder cannot be made."""
+    key = (backend, int(device_id) if backend == "gpu" else 0)
+    with _lock:
+        if key not in _checked:
+            _checked[key] = {codec: _check(backend, key[1], codec) for codec in CODECS}
+        return _checked[key]
+
+
+def _check(backend: str, device_id: int, codec: str) -> CodecCheck:
+    from PIL import Image
+
+    n = import_nvimgcodec()
+    # A smooth gradient with a coloured block: a lossy codec keeps it within a few levels.
+    y, x = np.mgrid[0:32, 0:48]
+    pixels = np.stack([x * 5, y * 7, (x + y) * 3], axis=-1).astype(np.uint8)
+    pixels[8:24, 16:32] = (200, 40, 120)
+    buffer = io.BytesIO()
+    try:
+        Image.fromarray(pixels).save(buffer, format=_PILLOW_FORMAT[codec], **({"quality": 95} if codec == "jpeg" else {}))
+    except (OSError, KeyError) as exc:          # a Pillow built without OpenJPEG
+        return CodecCheck(True, f"not checked: Pillow cannot write a test {CODECS[codec]} image ({exc})")
+    buffer.seek(0)
+    reference = np.asarray(Image.open(buffer).convert("RGB"))
+    key = DecoderKey(backend, device_id, 1 if backend == "cpu" else 0)
+    decoder = DECODER_POOL.acquire(key)
+    try:
+        image = decoder.decode(n.CodeStream(buffer.getvalue()), params=n.DecodeParams(color_spec=n.ColorSpec.SRGB))
+        if image is not None and backend == "gpu":
+            import torch
+
+            image = torch.from_dlpack(image).cpu()      # decoded on the current (default) stream
+    except (RuntimeError, ValueError) as exc:
+        return CodecCheck(False, f"the {backend.upper()} decoder raised {exc}")
+    finally:
+        DECODER_POOL.release(key, decoder)
+    if image is None:
+        hint = _INSTALL.get((backend, codec))
+        return CodecCheck(False, f"no {backend.upper()} {CODECS[codec]} decoder loaded"
+                                 + (f" (is {hint} installed?)" if hint else ""))
+    ours = np.asarray(image)
+    if ours.shape != reference.shape:
+        return CodecCheck(False, f"a {reference.shape} test image decoded to {ours.shape}")
+    error = int(np.abs(ours.astype(int) - reference.astype(int)).max())
+    if error > _MAX_ABS_DIFF:
+        return CodecCheck(False, f"a test image decoded with max |Δ| {error} vs Pillow's decode")
+    return CodecCheck(True, f"max |Δ| vs Pillow's decode {error}")
+
+
+def _summary(checks: dict[str, CodecCheck]) -> str:
+    return "; ".join(f"{CODECS[codec]} {check}" for codec, check in checks.items())
+
+
+def gpu_decode_available() -> tuple[bool, str]:
+    """(available, why not) for `--decode gpu`: nvImageCodec, a CUDA device, and a GPU decoder
+    that decodes at least one of the slide codecs."""
+    try:
+        import_nvimgcodec()
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible to torch"
+    return _any_codec("gpu", torch.cuda.current_device())
+
+
+def cpu_decode_available() -> tuple[bool, str]:
+    try:
+        import_nvimgcodec()
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    return _any_codec("cpu", 0)
+
+
+def _any_codec(backend: str, device_id: int) -> tuple[bool, str]:
+    try:
+        checks = codec_checks(backend, device_id)
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    if any(check.ok for check in checks.values()):
+        return True, ""
+    return False, f"nvImageCodec's {backend.upper()} backend decodes no slide codec here: {_summary(checks)}"
+
+
+def codec_unavailable(backend: str, device_id: int, codec: str) -> str | None:
+    """Why nvImageCodec's `backend` cannot decode `codec` here, or None when it can."""
+    check = codec_checks(backend, device_id)[codec]
+    return None if check.ok else f"nvImageCodec's {backend.upper()} backend cannot decode {CODECS[codec]} here ({check.detail})"
+
+
+def describe_decoders() -> dict:
+    """For `doctor`: which tile decoders `--decode` can use here, each codec checked, or why not."""
+    from .nvimgcodec_decoder import nvimgcodec_version
+
+    report: dict = {"nvimgcodec": nvimgcodec_version() or "not installed"}
+    for backend, what in (("cpu", "nvImageCodec CPU backend: libjpeg-turbo, OpenJPEG"),
+                          ("gpu", "nvImageCodec: nvJPEG hardware/CUDA decoders, nvJPEG2000")):
+        ok, why = cpu_decode_available() if backend == "cpu" else gpu_decode_available()
+        report[f"decode_{backend}"] = f"available ({what})" if ok else why
+        if ok or why.startswith("nvImageCodec's"):     # the checks ran: show each codec's
+            device_id = 0
+            if backend == "gpu":
+                import torch
+
+                device_id = torch.cuda.current_device()
+            report[f"decode_{backend}_check"] = {CODECS[c]: str(check)
+                                                 for c, check in codec_checks(backend, device_id).items()}
+    return report
