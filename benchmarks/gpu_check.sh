@@ -166,8 +166,9 @@ SELECT="cuda or gpu or trt or tensorrt or nvcc or compiled"
 if [[ "$MODE" == dry-run ]]; then
   step tests gpu 180 "$PY" -m pytest -q -p no:cacheprovider --collect-only -k "$SELECT" "${TESTS[@]}"
 else
+  # junit_logging: what the tests print (e.g. which colour spec the GPU decoder needed) is kept.
   step tests gpu 150 env JWTH_REQUIRE_GPU=1 "$PY" -m pytest -q -p no:cacheprovider -rfEs \
-    --junitxml="$OUT/tests_gpu.xml" -k "$SELECT" "${TESTS[@]}"
+    -o junit_logging=system-out --junitxml="$OUT/tests_gpu.xml" -k "$SELECT" "${TESTS[@]}"
 fi
 
 step heads gpu 75 "$PY" benchmarks/bench_heads.py --device cuda --dims 1024 1536 --batches 64 1 --passes 5 \

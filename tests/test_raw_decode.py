@@ -12,6 +12,7 @@ GPU tests run wherever torch sees a CUDA device and skip, at run time, elsewhere
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import struct
 import subprocess
@@ -558,28 +559,30 @@ def _need_gpu():
 
 @pytest.mark.parametrize("name", ["cmu_small", "tcga_jp2k"])
 def test_gpu_decode_on_device_matches_cpu(request, name):
+    """The GPU decoder as the product takes it (choose_decoder: codec check, test tile, colour
+    spec) decodes into device tensors that equal the CPU backend's within the IDCT's tolerance."""
     _need_gpu()
     path = request.getfixturevalue(name)
-    reference = openslide.OpenSlide(str(path))
-    source = RawTileSource(str(path), reference.level_dimensions)
-    raw = source.level(0)
-    indices = list(range(min(24, raw.tiles_across * raw.tiles_down)))
     stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        gpu = TileDecoder(source, raw, backend="gpu", stream=stream)
-        tiles = gpu.decode(indices)
-        assert all(t.is_cuda and t.dtype == torch.uint8 for t in tiles)
-        host = [t.cpu().numpy() for t in tiles]
-    cpu = TileDecoder(source, raw, backend="cpu")
-    try:
-        for a, b in zip(host, cpu.decode(indices)):
-            diff = np.abs(a.astype(int) - b.astype(int))
-            # nvJPEG's / nvJPEG2000's IDCT/IDWT vs libjpeg-turbo's / OpenJPEG's
-            assert diff.mean() <= 1.0 and diff.max() <= 24, (diff.mean(), diff.max())
-    finally:
-        gpu.close(keep_source=True)
-        cpu.close()
-        reference.close()
+    with open_slide(path) as slide:
+        with torch.cuda.stream(stream):
+            gpu = choose_decoder(slide, 0, DecodeRequest("gpu", "test"), stream=stream)
+            assert gpu.name == "nvimgcodec-gpu", gpu.note
+            print(f"{name}: {gpu.note}; test tile {gpu.test_tile}")      # which colour spec nvJPEG needed
+            raw = gpu.decoder.raw
+            indices = list(range(min(24, raw.tiles_across * raw.tiles_down)))
+            tiles = gpu.decoder.decode(indices)
+            assert all(t.is_cuda and t.dtype == torch.uint8 for t in tiles)
+            host = [t.cpu().numpy() for t in tiles]
+        cpu = choose_decoder(slide, 0, CPU)
+        try:
+            for a, b in zip(host, cpu.decoder.decode(indices)):
+                diff = np.abs(a.astype(int) - b.astype(int))
+                # nvJPEG's / nvJPEG2000's IDCT/IDWT vs libjpeg-turbo's / OpenJPEG's
+                assert diff.mean() <= 1.0 and diff.max() <= 24, (diff.mean(), diff.max())
+        finally:
+            gpu.decoder.close()
+            cpu.decoder.close()
 
 
 def test_gpu_pipeline_preprocesses_from_device_buffers(cmu_small):
@@ -664,6 +667,47 @@ def test_gpu_region_blocks_match_cpu(cmu_small):
         finally:
             gpu.close()
             cpu.close()
+
+
+def test_colour_spec_that_misreads_the_test_tile_gives_way_to_the_next(cmu_small, tcga_jp2k):
+    """A decoder that reads an RGB JPEG's colour differently (SRGB here: libjpeg converts the R, G,
+    B components as if YCbCr) fails the test tile; the next colour spec is tried and recorded, and
+    with none left the slide reader decodes, with every spec's figures in the note."""
+    with open_slide(cmu_small) as slide:
+        choice = choose_decoder(slide, 0, CPU)
+        assert choice.test_tile["colour_spec"] == choice.decoder.colour_spec == "SYCC"
+        choice.decoder.close()
+        choice = choose_decoder(slide, 0, CPU, specs=("SRGB", "SYCC"))
+        try:
+            assert choice.name == "nvimgcodec-cpu" and choice.decoder.colour_spec == "SYCC"
+            assert choice.test_tile["max_abs_diff"] == 0 and choice.test_tile["colour_spec"] == "SYCC"
+            assert re.search(r"; colour spec SYCC \(SRGB: mean \|Δ\| \d+\.\d\d, max \d+ did not match\)$", choice.note), \
+                choice.note
+            tiles = choice.decoder.decode([0, 1])
+        finally:
+            choice.decoder.close()
+        reference = choose_decoder(slide, 0, CPU)
+        try:
+            assert all(np.array_equal(a, b) for a, b in zip(tiles, reference.decoder.decode([0, 1])))
+        finally:
+            reference.decoder.close()
+        choice = choose_decoder(slide, 0, CPU, specs=("SRGB",))
+        assert choice.decoder is None and choice.name == "cucim"
+        assert choice.test_tile["colour_spec"] == "SRGB" and choice.test_tile["mean_abs_diff"] > 20
+        assert re.fullmatch(r"raw decode of the test tile differs from cucim's \(SRGB: mean \|Δ\| \d+\.\d\d, "
+                            r"max \d+\); cucim decodes", choice.note), choice.note
+    # The region path's per-thread decoders decode with the colour spec the check chose.
+    from jwth_engine.regions.blocks import BlockSource
+
+    with open_slide(tcga_jp2k) as slide:
+        choice = choose_decoder(slide, 0, CPU, specs=("UNCHANGED",))
+        assert choice.decoder.colour_spec == "UNCHANGED"
+        blocks = BlockSource(slide, {0: choice})
+        try:
+            assert blocks.read(0, 0, 0, 300).shape == (300, 300, 3)
+            assert [d.colour_spec for d in blocks._made] == ["UNCHANGED"]
+        finally:
+            blocks.close()
 
 
 def test_codec_checks_decode_both_codecs_on_the_cpu():

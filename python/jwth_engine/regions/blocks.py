@@ -207,7 +207,8 @@ class BlockSource:
 
             checked = choice.decoder
             decoder = mine[level] = TileDecoder(checked.source, checked.raw, backend=checked.backend,
-                                                device=checked.device, stream=None, num_threads=1)
+                                                device=checked.device, stream=None, num_threads=1,
+                                                colour_spec=checked.colour_spec)
             with self._lock:
                 self._made.append(decoder)
         return decoder

@@ -105,15 +105,16 @@ class RawDecodeChoice:
 
 
 def choose_decoder(slide, level: int, request: DecodeRequest, *, device=None, stream=None,
-                   num_threads: int = 0) -> RawDecodeChoice:
+                   num_threads: int = 0, specs: tuple[str, ...] | None = None) -> RawDecodeChoice:
     """A TileDecoder for `level` of `slide` on the requested backend, checked on one tile against
-    the slide reader, or the slide reader with the reason the raw path was not taken."""
+    the slide reader, or the slide reader with the reason the raw path was not taken. `specs`: the
+    colour specs to try, in order (default nvimgcodec_decoder.colour_specs of the level)."""
     reader_name = slide.info.reader
     backend, why = request.backend, request.why
     if backend is None:
         return RawDecodeChoice(None, reader_name, f"{why}; {reader_name} decodes")
     from .nvimgcodec_check import codec_unavailable
-    from .nvimgcodec_decoder import TileDecoder, cuda_device
+    from .nvimgcodec_decoder import TileDecoder, colour_specs, cuda_device
     from .raw_tiles import RawLevelUnavailable, RawTileSource
 
     path = slide.path
@@ -136,19 +137,29 @@ def choose_decoder(slide, level: int, request: DecodeRequest, *, device=None, st
     if missing is not None:
         source.close()
         return RawDecodeChoice(None, reader_name, f"{missing}{fallback}")
-    decoder = TileDecoder(source, raw, backend=backend, device=device, stream=stream, num_threads=num_threads)
-    try:
-        stats = compare_test_tile(slide, _test_decoder(slide, source, decoder))
-    except SlideError as exc:
-        decoder.close()
-        return RawDecodeChoice(None, reader_name, f"raw decode of the test tile failed ({exc.problem}){fallback}")
-    if stats["mean_abs_diff"] > TEST_TILE_MEAN_TOL or stats["max_abs_diff"] > TEST_TILE_MAX_TOL:
-        decoder.close()
-        return RawDecodeChoice(None, reader_name,
-                               f"raw decode of the test tile differs from {reader_name}'s (mean |Δ| "
-                               f"{stats['mean_abs_diff']:.2f}, max {stats['max_abs_diff']}){fallback}", stats)
-    codec = f"{raw.codec} tiles {raw.tile_w}x{raw.tile_h}"
-    return RawDecodeChoice(decoder, decoder.name, f"{why}; {codec}; test tile matches {reader_name}", stats)
+    # The expected colour spec first; the others only when the test tile does not match with it.
+    first: dict | None = None
+    tried: list[str] = []
+    for spec in specs or colour_specs(raw):
+        decoder = TileDecoder(source, raw, backend=backend, device=device, stream=stream, num_threads=num_threads,
+                              colour_spec=spec)
+        try:
+            stats = compare_test_tile(slide, _test_decoder(slide, source, decoder))
+        except SlideError as exc:     # a corrupt or undecodable test tile: no colour spec mends that
+            decoder.close()
+            return RawDecodeChoice(None, reader_name, f"raw decode of the test tile failed ({exc.problem}){fallback}")
+        stats["colour_spec"] = spec
+        if stats["mean_abs_diff"] <= TEST_TILE_MEAN_TOL and stats["max_abs_diff"] <= TEST_TILE_MAX_TOL:
+            codec = f"{raw.codec} tiles {raw.tile_w}x{raw.tile_h}"
+            colour = f"; colour spec {spec} ({'; '.join(tried)} did not match)" if tried else ""
+            return RawDecodeChoice(decoder, decoder.name, f"{why}; {codec}; test tile matches {reader_name}{colour}",
+                                   stats)
+        decoder.close(keep_source=True)
+        first = first or stats
+        tried.append(f"{spec}: mean |Δ| {stats['mean_abs_diff']:.2f}, max {stats['max_abs_diff']}")
+    source.close()
+    return RawDecodeChoice(None, reader_name, f"raw decode of the test tile differs from {reader_name}'s "
+                                              f"({'; '.join(tried)}){fallback}", first)
 
 
 def _test_decoder(slide, source, decoder):
@@ -157,15 +168,16 @@ def _test_decoder(slide, source, decoder):
     ds = float(slide.info.level_downsamples[decoder.raw.level])
     if slide.info.reader != "openslide" or ds == int(ds):
         return decoder
-    from .nvimgcodec_decoder import TileDecoder
+    from .nvimgcodec_decoder import TileDecoder, colour_specs
     from .raw_tiles import RawLevelUnavailable
 
     try:
         raw0 = source.level(0)
     except RawLevelUnavailable:
         return decoder
+    spec = decoder.colour_spec if decoder.colour_spec in colour_specs(raw0) else None
     return _Borrowed(TileDecoder(source, raw0, backend=decoder.backend, device=decoder.device,
-                                 stream=decoder.stream))
+                                 stream=decoder.stream, colour_spec=spec))
 
 
 class _Borrowed:

@@ -18,6 +18,9 @@ Colour, decided by the TIFF directory and not by markers inside the stream:
 * JPEG 2000, Aperio 33005 / TIFF 34712: decoded to sRGB (the codestream's own MCT, if any, is
   undone by the decoder). Aperio 33003 stores Y, Cb, Cr without MCT: decoded unchanged and
   converted here with the JFIF (BT.601 full-range) equations OpenSlide uses.
+These are what the CPU backend needs, checked on the test slides. A GPU decoder might read a
+stream's colour otherwise, so `colour_specs` lists other specs too, and choose_decoder tries them in
+turn when the test tile does not match the slide reader's (the one kept is in the summary).
 
 Decoders are pooled per process (creating one loads codec extensions) and each is used by one
 thread at a time. On the CPU, a batch is shared out in small chunks among `num_threads`
@@ -130,6 +133,19 @@ def _make_decoder(key: DecoderKey):
 DECODER_POOL = _DecoderPool()
 
 
+def colour_specs(raw: RawLevel) -> tuple[str, ...]:
+    """The nvImageCodec colour specs that may give this level's RGB, the expected one first (the
+    module docstring; checked on the CPU backend against OpenSlide). choose_decoder tries the others
+    when the test tile does not match with it: a GPU decoder may take a stream's colour from other
+    markers than libjpeg does (an Aperio tile's components are R, G, B with no Adobe marker), and a
+    slide it misreads should still decode on the GPU rather than fall back."""
+    if raw.colour == "ycbcr-raw":
+        return ("UNCHANGED",)                   # converted here: only the stored components will do
+    if raw.codec == "jpeg" and raw.colour == "rgb":
+        return ("SYCC", "UNCHANGED", "SRGB")
+    return ("SRGB", "UNCHANGED")
+
+
 def cuda_device(device=None):
     """(torch.device, CUDA device index) for `device` (None: the current CUDA device)."""
     import torch
@@ -146,7 +162,9 @@ class TileDecoder:
     """
 
     def __init__(self, source: RawTileSource, raw: RawLevel, *, backend: str, device=None, stream=None,
-                 num_threads: int = 0):
+                 num_threads: int = 0, colour_spec: str | None = None):
+        """`colour_spec`: the nvImageCodec ColorSpec asked for (a name of `colour_specs(raw)`),
+        by default the first of them."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.source, self.raw, self.backend = source, raw, backend
@@ -162,9 +180,8 @@ class TileDecoder:
         self._decoders = [DECODER_POOL.acquire(self._key) for _ in range(parts)]
         self._threads = ThreadPoolExecutor(parts, thread_name_prefix="jwth-nvimgcodec") if parts > 1 else None
         self._count_lock = threading.Lock()
-        spec = n.ColorSpec.SYCC if raw.colour == "rgb" and raw.codec == "jpeg" else (
-            n.ColorSpec.UNCHANGED if raw.colour == "ycbcr-raw" else n.ColorSpec.SRGB)
-        self._params = n.DecodeParams(color_spec=spec, apply_exif_orientation=False)
+        self.colour_spec = colour_spec or colour_specs(raw)[0]
+        self._params = n.DecodeParams(color_spec=getattr(n.ColorSpec, self.colour_spec), apply_exif_orientation=False)
         self._n = n
         self.tiles_decoded = 0
 
