@@ -20,13 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BackendUnavailable
+from .decoding import TEST_TILE_MAX_TOL
 from .nvimgcodec_decoder import DECODER_POOL, DecoderKey, import_nvimgcodec
 
 CODECS = {"jpeg": "JPEG", "jpeg2000": "JPEG 2000"}      # RawLevel.codec -> display name
 _PILLOW_FORMAT = {"jpeg": "JPEG", "jpeg2000": "JPEG2000"}
-# A GPU IDCT / IDWT differs from libjpeg-turbo / OpenJPEG by a few levels; a codec that does not
-# work gives no image at all, a colour mistake tens of levels.
-_MAX_ABS_DIFF = 24
 _INSTALL = {("gpu", "jpeg"): "nvidia-nvjpeg (libnvjpeg.so.13)",
             ("gpu", "jpeg2000"): "nvidia-nvjpeg2k-cu13 (libnvjpeg2k.so.0)"}
 
@@ -93,45 +91,48 @@ def _check(backend: str, device_id: int, codec: str) -> CodecCheck:
     if ours.shape != reference.shape:
         return CodecCheck(False, f"a {reference.shape} test image decoded to {ours.shape}")
     error = int(np.abs(ours.astype(int) - reference.astype(int)).max())
-    if error > _MAX_ABS_DIFF:
+    if error > TEST_TILE_MAX_TOL:       # the test tile's bound: IDCT rounding passes, colour mistakes do not
         return CodecCheck(False, f"a test image decoded with max |Δ| {error} vs Pillow's decode")
     return CodecCheck(True, f"max |Δ| vs Pillow's decode {error}")
 
 
-def _summary(checks: dict[str, CodecCheck]) -> str:
-    return "; ".join(f"{CODECS[codec]} {check}" for codec, check in checks.items())
+def _backend_checks(backend: str) -> tuple[dict[str, CodecCheck] | None, str]:
+    """(the codec checks of `backend`, "") or (None, why they cannot run here)."""
+    try:
+        import_nvimgcodec()
+    except BackendUnavailable as exc:
+        return None, str(exc)
+    device_id = 0
+    if backend == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return None, "no CUDA GPU is visible to torch"
+        device_id = torch.cuda.current_device()
+    try:
+        return codec_checks(backend, device_id), ""
+    except BackendUnavailable as exc:
+        return None, str(exc)
+
+
+def _available(backend: str) -> tuple[bool, str, dict[str, CodecCheck] | None]:
+    checks, why = _backend_checks(backend)
+    if checks is None:
+        return False, why, None
+    if any(check.ok for check in checks.values()):
+        return True, "", checks
+    summary = "; ".join(f"{CODECS[codec]} {check}" for codec, check in checks.items())
+    return False, f"nvImageCodec's {backend.upper()} backend decodes no slide codec here: {summary}", checks
 
 
 def gpu_decode_available() -> tuple[bool, str]:
     """(available, why not) for `--decode gpu`: nvImageCodec, a CUDA device, and a GPU decoder
     that decodes at least one of the slide codecs."""
-    try:
-        import_nvimgcodec()
-    except BackendUnavailable as exc:
-        return False, str(exc)
-    import torch
-
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible to torch"
-    return _any_codec("gpu", torch.cuda.current_device())
+    return _available("gpu")[:2]
 
 
 def cpu_decode_available() -> tuple[bool, str]:
-    try:
-        import_nvimgcodec()
-    except BackendUnavailable as exc:
-        return False, str(exc)
-    return _any_codec("cpu", 0)
-
-
-def _any_codec(backend: str, device_id: int) -> tuple[bool, str]:
-    try:
-        checks = codec_checks(backend, device_id)
-    except BackendUnavailable as exc:
-        return False, str(exc)
-    if any(check.ok for check in checks.values()):
-        return True, ""
-    return False, f"nvImageCodec's {backend.upper()} backend decodes no slide codec here: {_summary(checks)}"
+    return _available("cpu")[:2]
 
 
 def codec_unavailable(backend: str, device_id: int, codec: str) -> str | None:
@@ -147,14 +148,8 @@ def describe_decoders() -> dict:
     report: dict = {"nvimgcodec": nvimgcodec_version() or "not installed"}
     for backend, what in (("cpu", "nvImageCodec CPU backend: libjpeg-turbo, OpenJPEG"),
                           ("gpu", "nvImageCodec: nvJPEG hardware/CUDA decoders, nvJPEG2000")):
-        ok, why = cpu_decode_available() if backend == "cpu" else gpu_decode_available()
+        ok, why, checks = _available(backend)
         report[f"decode_{backend}"] = f"available ({what})" if ok else why
-        if ok or why.startswith("nvImageCodec's"):     # the checks ran: show each codec's
-            device_id = 0
-            if backend == "gpu":
-                import torch
-
-                device_id = torch.cuda.current_device()
-            report[f"decode_{backend}_check"] = {CODECS[c]: str(check)
-                                                 for c, check in codec_checks(backend, device_id).items()}
+        if checks is not None:
+            report[f"decode_{backend}_check"] = {CODECS[codec]: str(check) for codec, check in checks.items()}
     return report
