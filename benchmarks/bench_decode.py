@@ -19,10 +19,13 @@ nvImageCodec's GPU backend (tiles cut on the device, synchronised per pass) and 
 `read_region(device="cuda")` of the same stored-tile units are timed too; without a GPU that part
 is recorded as skipped.
 
-The decoder alone (`stored_tiles_cpu`, and `gpu.stored_tiles` with `--gpu`): every stored tile of
-the grid's level decoded by the raw path's decoder in calls of 256, no cutting; stored tiles/s and
-CPU cores busy (process CPU time over wall time) per pass. `goals.gpu_stored_jpeg_tiles` checks the
-issue's GPU goal on these figures (>= 10,000 stored JPEG tiles/s with < 2 cores busy).
+The decoder alone (`stored_tiles_cpu`, and `gpu.stored_tiles` with `--gpu`): stored tiles of the
+grid's level decoded by the raw path's decoder in calls of 256, no cutting; stored tiles/s and CPU
+cores busy (process CPU time over wall time) per pass, for two sets of tiles: `tissue`, the stored
+tiles the tissue grid needs (what `score` decodes), and `all`, every stored tile of the level.
+Background tiles decode several times faster than tissue, so `all` flatters a mostly empty slide;
+`goals.gpu_stored_jpeg_tiles` checks the issue's GPU goal (>= 10,000 stored JPEG tiles/s with < 2
+cores busy) on the `tissue` figures.
 
 Region blocks (`region_blocks`): the region path's reads (`embed-regions`, 5/10/20x, r = 1, the
 tissue regions with --min-tissue 0.25): every region's tiles at every magnification, with each
@@ -121,18 +124,14 @@ def summary(values: list[float]) -> dict:
             "max": round(max(values), 2), "passes": [round(v, 2) for v in values]}
 
 
-def cucim_gpu_pass(slide, grid, unit: tuple[int, int]) -> float | None:
-    """cuCIM's own GPU read of the stored-tile units the grid touches (device="cuda")."""
+def cucim_gpu_pass(slide, grid, units: list[int], unit: tuple[int, int]) -> float | None:
+    """cuCIM's own GPU read of the stored tiles `units` (level tile indices) the grid touches (device="cuda")."""
     from cucim.clara import CuImage
 
-    reader = GridReader(slide, grid, locality="on")
-    units = set()
-    for i in range(len(reader)):
-        units.update(reader._tile_units(i))
     uw, uh = unit
-    cols = reader._ucols
+    cols = math.ceil(slide.info.level_dimensions[grid.level][0] / uw)
     ds = slide.info.level_downsamples[grid.level]
-    locs = [[int(round((u % cols) * uw * ds)), int(round((u // cols) * uh * ds))] for u in sorted(units)]
+    locs = [[int(round((u % cols) * uw * ds)), int(round((u // cols) * uh * ds))] for u in units]
     image = CuImage(slide.path)
     t = time.perf_counter()
     for start in range(0, len(locs), BATCH):
@@ -214,31 +213,43 @@ def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu
             "raw_over_cucim": {"median": round(statistics.median(ratios), 3), "passes": [round(r, 3) for r in ratios]},
             "decoded_to_needed_px": {name: round(c.decode_ratio, 4) for name, c in counters.items()},
         }
-        result["stored_tiles_cpu"] = bench_stored_tiles(slide, grid.level, "cpu", repeats=repeats, workers=workers,
+        result["stored_tiles_cpu"] = bench_stored_tiles(slide, grid, "cpu", repeats=repeats, workers=workers,
                                                         batch=STORED_BATCH)
-        log(f"  stored tiles on the CPU: {result['stored_tiles_cpu']['stored_tiles_per_s']['median']}/s, "
-            f"{result['stored_tiles_cpu']['cpu_cores_busy']['median']} cores busy")
+        log(f"  stored tiles on the CPU: {stored_line(result['stored_tiles_cpu'])}")
         result["region_blocks"] = (bench_region_blocks(slide, slide_mpp, tissue, repeats=repeats, workers=workers,
                                                        log=log) if regions else {"skipped": "--no-region-blocks"})
         result["gpu"] = bench_gpu(slide, grid, repeats, workers, log) if gpu else {"skipped": "not requested (--gpu)"}
     return result
 
 
-def bench_stored_tiles(slide, level: int, backend: str, *, repeats: int, workers: int, batch: int,
+def grid_stored_tiles(slide, grid, choice) -> list[int]:
+    """Indices of the stored tiles the grid's model tiles touch: the units the raw path decodes
+    (with a raw decoder `choice` the reader's units are the level's stored tiles, in its indices)."""
+    reader = GridReader(slide, grid, decode=choice)
+    units = set()
+    for i in range(len(reader)):
+        units.update(reader._tile_units(i))
+    return sorted(units)
+
+
+def bench_stored_tiles(slide, grid, backend: str, *, repeats: int, workers: int, batch: int,
                        device=None, stream=None) -> dict:
-    """The decoder alone: every stored tile of `level` decoded in batches of `batch`, enough rounds
-    for STORED_MIN_PASS_S a pass; stored tiles/s and CPU cores busy (the process's CPU time, every thread,
-    over the wall time) per pass. The issue's GPU goal is stated in these units (>= 10,000 stored
-    240-px JPEG tiles/s with < 2 cores busy)."""
+    """The decoder alone: stored tiles of the grid's level decoded in batches of `batch`, enough
+    rounds for STORED_MIN_PASS_S a pass; stored tiles/s and CPU cores busy (the process's CPU time,
+    every thread, over the wall time) per pass, for the tiles the tissue grid needs (`tissue`) and
+    for every stored tile of the level (`all`). The issue's GPU goal is stated in these units
+    (>= 10,000 stored 240-px JPEG tiles/s with < 2 cores busy)."""
+    level = grid.level
     choice = choose_decoder(slide, level, DecodeRequest(backend, "benchmark"), device=device, stream=stream,
                             num_threads=workers)
     if choice.decoder is None:
         return {"skipped": f"raw {backend} path unavailable: {choice.note}"}
     decoder = choice.decoder
     raw = decoder.raw
-    indices = [int(i) for i in np.flatnonzero(raw.counts)]
+    stored = [int(i) for i in np.flatnonzero(raw.counts)]
+    tile_sets = {"tissue": [i for i in grid_stored_tiles(slide, grid, choice) if raw.counts[i] > 0], "all": stored}
 
-    def one_pass(rounds: int) -> tuple[float, float]:
+    def one_pass(indices: list[int], rounds: int) -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(rounds):
             for start in range(0, len(indices), batch):
@@ -247,15 +258,25 @@ def bench_stored_tiles(slide, level: int, backend: str, *, repeats: int, workers
             torch.cuda.synchronize(device)
         return time.perf_counter() - wall, time.process_time() - cpu
 
+    out = {"level": level, "stored_tile": [raw.tile_w, raw.tile_h], "codec": raw.codec, "batch": batch,
+           "threads": workers, "decoder": choice.name}
     try:
-        rounds = max(1, math.ceil(STORED_MIN_PASS_S / max(one_pass(1)[0], 1e-3)))      # also the warm-up
-        passes = [one_pass(rounds) for _ in range(repeats)]
+        for name, indices in tile_sets.items():
+            rounds = max(1, math.ceil(STORED_MIN_PASS_S / max(one_pass(indices, 1)[0], 1e-3)))   # also the warm-up
+            passes = [one_pass(indices, rounds) for _ in range(repeats)]
+            out[name] = {"stored_tiles": len(indices), "rounds_per_pass": rounds,
+                         "stored_tiles_per_s": summary([len(indices) * rounds / wall for wall, _ in passes]),
+                         "cpu_cores_busy": summary([cpu / wall for wall, cpu in passes])}
     finally:
         decoder.close()
-    return {"level": level, "stored_tile": [raw.tile_w, raw.tile_h], "codec": raw.codec, "stored_tiles": len(indices),
-            "batch": batch, "rounds_per_pass": rounds, "threads": workers, "decoder": choice.name,
-            "stored_tiles_per_s": summary([len(indices) * rounds / wall for wall, _ in passes]),
-            "cpu_cores_busy": summary([cpu / wall for wall, cpu in passes])}
+    return out
+
+
+def stored_line(result: dict) -> str:
+    if "skipped" in result:
+        return result["skipped"]
+    return ", ".join(f"{name} {result[name]['stored_tiles']} tiles: {result[name]['stored_tiles_per_s']['median']}/s "
+                     f"on {result[name]['cpu_cores_busy']['median']} busy cores" for name in ("tissue", "all"))
 
 
 def bench_gpu(slide, grid, repeats: int, workers: int, log) -> dict:
@@ -273,15 +294,16 @@ def bench_gpu(slide, grid, repeats: int, workers: int, log) -> dict:
         raw_rates = [n / one_pass(slide, grid, decode_choice=raw, workers=workers, device=device)[0]
                      for _ in range(repeats)]
         unit = (raw.decoder.raw.tile_w, raw.decoder.raw.tile_h)
+        units = grid_stored_tiles(slide, grid, raw)
         raw.decoder.close()
     out = {"raw_gpu": summary(raw_rates), "raw_decoder_check": raw.test_tile}
     with torch.cuda.stream(stream):
-        out["stored_tiles"] = bench_stored_tiles(slide, grid.level, "gpu", repeats=repeats, workers=workers,
+        out["stored_tiles"] = bench_stored_tiles(slide, grid, "gpu", repeats=repeats, workers=workers,
                                                  batch=STORED_BATCH, device=device, stream=stream)
-    log(f"  stored tiles on the GPU: {out['stored_tiles'].get('stored_tiles_per_s', out['stored_tiles'])}")
+    log(f"  stored tiles on the GPU: {stored_line(out['stored_tiles'])}")
     try:
-        cucim_gpu_pass(slide, grid, unit)    # warm-up
-        cu_rates = [n / cucim_gpu_pass(slide, grid, unit) for _ in range(repeats)]
+        cucim_gpu_pass(slide, grid, units, unit)    # warm-up
+        cu_rates = [n / cucim_gpu_pass(slide, grid, units, unit) for _ in range(repeats)]
         out["cucim_gpu"] = summary(cu_rates)
         out["raw_over_cucim_gpu"] = round(statistics.median(raw_rates) / statistics.median(cu_rates), 3)
     except (RuntimeError, ValueError) as exc:
@@ -294,11 +316,12 @@ def gpu_goal(results: list[dict]) -> dict:
     values = {}
     for r in results:
         stored = r.get("gpu", {}).get("stored_tiles", {})
-        if r["compression"] == "JPEG" and "stored_tiles_per_s" in stored:
-            values[Path(r["slide"]).name] = {"stored_tiles_per_s": stored["stored_tiles_per_s"]["median"],
-                                             "cpu_cores_busy": stored["cpu_cores_busy"]["median"],
+        if r["compression"] == "JPEG" and "tissue" in stored:
+            values[Path(r["slide"]).name] = {"stored_tiles_per_s": stored["tissue"]["stored_tiles_per_s"]["median"],
+                                             "cpu_cores_busy": stored["tissue"]["cpu_cores_busy"]["median"],
                                              "stored_tile": stored["stored_tile"]}
-    goal = ">= 10,000 stored JPEG tiles/s (240 px) decoded on one GPU with < 2 CPU cores busy"
+    goal = (">= 10,000 stored JPEG tiles/s (240 px) decoded on one GPU with < 2 CPU cores busy "
+            "(the stored tiles the tissue grid needs)")
     if not values:
         return {"goal": goal, "met": None, "values": {}, "why": "not measured: no GPU decode in this run"}
     return {"goal": goal, "values": values,

@@ -93,3 +93,21 @@ def test_carried_wheels_hold_nvimagecodecs_gpu_codecs(library):
     assert providers, f"no installed distribution ships {library} (install jwth-engine[cu13])"
     carried = _carried_wheels()
     assert any(carried.get(name) == version for name, version in providers.items()), (library, providers, carried)
+
+
+def test_gpu_decode_goal_is_judged_on_the_tissue_tiles():
+    """The GPU goal reads the decoder-alone figures of the stored tiles the tissue grid needs, not
+    those of every stored tile (background decodes several times faster and would flatter it)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_decode import gpu_goal
+
+    def result(tissue: float, every: float, cores: float = 1.0, compression: str = "JPEG") -> dict:
+        figures = lambda rate: {"stored_tiles_per_s": {"median": rate}, "cpu_cores_busy": {"median": cores}}
+        return {"slide": "/x/a.svs", "compression": compression,
+                "gpu": {"stored_tiles": {"stored_tile": [240, 240], "tissue": figures(tissue), "all": figures(every)}}}
+
+    assert gpu_goal([result(9_000, 30_000)])["met"] is False
+    assert gpu_goal([result(12_000, 30_000)])["met"] is True
+    assert gpu_goal([result(12_000, 30_000, cores=2.5)])["met"] is False
+    assert gpu_goal([result(12_000, 30_000, compression="JPEG 2000")])["met"] is None
+    assert gpu_goal([{"slide": "/x/a.svs", "compression": "JPEG", "gpu": {"skipped": "no CUDA GPU"}}])["met"] is None
