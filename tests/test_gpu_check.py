@@ -97,7 +97,7 @@ def test_carried_wheels_hold_nvimagecodecs_gpu_codecs(library):
 
 def test_gpu_decode_goal_is_judged_on_the_tissue_tiles():
     """The GPU goal reads the decoder-alone figures of the stored tiles the tissue grid needs, not
-    those of every stored tile (background decodes several times faster and would flatter it)."""
+    those of every stored tile (background decodes faster and would flatter it)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_decode import gpu_goal
 
