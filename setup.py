@@ -155,8 +155,9 @@ setup(
     extras_require={
         # nvImageCodec decodes stored slide tiles (--decode gpu|cpu); its extras bring nvJPEG,
         # nvJPEG2000 and nvTIFF, which it loads at start-up (and complains about when missing).
-        "cu12": ["cucim-cu12", "nvidia-nvimgcodec-cu12[all]>=0.9"],
-        "cu13": ["cucim-cu13", "nvidia-nvimgcodec-cu13[all]>=0.9"],
+        # <0.10: jwth_engine._C's batch decoder is built against the 0.9 C header (pyproject.toml).
+        "cu12": ["cucim-cu12", "nvidia-nvimgcodec-cu12[all]>=0.9,<0.10"],
+        "cu13": ["cucim-cu13", "nvidia-nvimgcodec-cu13[all]>=0.9,<0.10"],
         "test": ["pytest", "pytest-timeout", "ray[default]>=2.9"],
         "distributed": ["ray[default]>=2.9"],
         # Some TensorRT wheels live only on NVIDIA's own package index; if pip cannot resolve this

@@ -4,17 +4,25 @@
     PYTHONPATH=python python benchmarks/bench_decode.py --gpu --out results/decode_cuda.json   # GPU machine
 
 For each slide: the tissue tiles `score` would read (target 0.5 µm/px, 224 px, --min-tissue 0.25),
-read in batches of 32 by the pipeline's reader (pipeline/locality.GridReader) two ways, in
-interleaved passes (A B A B ...) so that load from other processes hits both alike; a pass reads
+read in batches of 32 by the pipeline's reader (pipeline/locality.GridReader) three ways, in
+interleaved passes (A B C A B C ...) so that load from other processes hits both alike; a pass reads
 the grid as many times as takes cuCIM about 2 s (`rounds_per_pass`), enough work to rise above the
 noise of a shared machine:
 
-  raw_cpu     stored tiles' bytes read from the file, batch-decoded by nvImageCodec's CPU backend
-  cucim       the same stored tiles decoded by cuCIM's multi-threaded batch read_region
+  raw_cpu             stored tiles' bytes read from the file, batch-decoded by nvImageCodec's CPU
+                      backend through its C API (jwth_engine._C; the default engine)
+  raw_cpu_python_api  the same through nvImageCodec's Python API (the engine the C API replaced)
+  cucim               the same stored tiles decoded by cuCIM's multi-threaded batch read_region
 
-Both use `--workers` decode threads and decode each stored tile once per pass (cuCIM's decoded-tile
-cache is off). Reported: tiles/s as the median of N passes with min and max, the median of the
-per-pass ratios raw/cucim, and decoded / needed pixels. With `--gpu` (and a GPU), the raw path on
+All use `--workers` decode threads and decode each stored tile once per pass (cuCIM's decoded-tile
+cache is off). Reported: tiles/s as the median of N passes with min and max, the medians of the
+per-pass ratios raw/cucim, Python API/cucim and C API/Python API, and decoded / needed pixels.
+
+Beside a busy Python thread (`beside_busy_python`): one single-threaded decoder per engine decodes
+the tissue grid's stored tiles in calls of 40, alone and while another thread runs pure Python
+(as the pipeline's main thread does); tiles/s of each and their ratio. nvImageCodec's Python API
+gives the GIL up twice per tile, the C API once per call, and each give-up may cost a switch
+interval (5 ms) to take it back. With `--gpu` (and a GPU), the raw path on
 nvImageCodec's GPU backend (tiles cut on the device, synchronised per pass) and cuCIM's
 `read_region(device="cuda")` of the same stored-tile units are timed too; without a GPU that part
 is recorded as skipped.
@@ -71,7 +79,7 @@ from jwth_engine.regions.planning import RegionLayout, plan_regions, read_region
 from jwth_engine.runtime import library_versions, machine  # noqa: E402
 from jwth_engine.slide import open_slide, resolve_mpp  # noqa: E402
 from jwth_engine.slide.decoding import DecodeRequest, choose_decoder  # noqa: E402
-from jwth_engine.slide.nvimgcodec_decoder import nvimgcodec_version  # noqa: E402
+from jwth_engine.slide.nvimgcodec_engines import nvimgcodec_version  # noqa: E402
 from jwth_engine.tiling import plan_tiles  # noqa: E402
 from jwth_engine.tissue import detect_tissue  # noqa: E402
 from _provenance import add_dry_run, dry_run_exit  # noqa: E402  (benchmarks/ helper)
@@ -188,31 +196,46 @@ def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu
         grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=0.5, tile_size=224, tissue=tissue, min_tissue=0.25)
         n = len(grid.coords)
         log(f"{Path(path).name}: {n} tiles, level {grid.level}, read size {grid.read_size}")
-        raw = choose_decoder(slide, grid.level, DecodeRequest("cpu", "benchmark"), num_threads=workers)
-        if raw.decoder is None:
-            raise SystemExit(f"{path}: raw path unavailable: {raw.note}")
-        rates = {"raw_cpu": [], "cucim": []}
+        # raw_cpu: the default engine (nvImageCodec's C API through _C); raw_cpu_python_api: its
+        # Python API, the engine the C API replaced, read in the same interleaved passes.
+        choices = {name: choose_decoder(slide, grid.level, DecodeRequest("cpu", "benchmark"), num_threads=workers,
+                                        engine=engine)
+                   for name, engine in (("raw_cpu", "c-api"), ("raw_cpu_python_api", "python-api"))}
+        for choice in choices.values():
+            if choice.decoder is None:
+                raise SystemExit(f"{path}: raw path unavailable: {choice.note}")
+        raw = choices["raw_cpu"]
+        arms = {**choices, "cucim": None}
+        rates = {name: [] for name in arms}
         counters = {}
-        one_pass(slide, grid, decode_choice=raw, workers=workers)          # warm-up, both
-        warm, _ = one_pass(slide, grid, workers=workers)
-        # Enough work per pass to rise above a shared machine's noise: both read the grid as many
-        # times as the reader needs for MIN_PASS_S.
+        for choice in arms.values():                                       # warm-up, each
+            warm, _ = one_pass(slide, grid, decode_choice=choice, workers=workers)
+        # Enough work per pass to rise above a shared machine's noise: all read the grid as many
+        # times as cuCIM's reader needs for MIN_PASS_S.
         rounds = max(1, math.ceil(MIN_PASS_S / max(warm, 1e-3)))
         for _ in range(repeats):
-            seconds, counters["raw_cpu"] = one_pass(slide, grid, decode_choice=raw, workers=workers, rounds=rounds)
-            rates["raw_cpu"].append(n * rounds / seconds)
-            seconds, counters["cucim"] = one_pass(slide, grid, workers=workers, rounds=rounds)
-            rates["cucim"].append(n * rounds / seconds)
-        raw.decoder.close()
-        ratios = [a / b for a, b in zip(rates["raw_cpu"], rates["cucim"])]
+            for name, choice in arms.items():
+                seconds, counters[name] = one_pass(slide, grid, decode_choice=choice, workers=workers, rounds=rounds)
+                rates[name].append(n * rounds / seconds)
+        for choice in choices.values():
+            choice.decoder.close()
+
+        def ratio(a: str, b: str) -> dict:
+            values = [x / y for x, y in zip(rates[a], rates[b])]
+            return {"median": round(statistics.median(values), 3), "passes": [round(v, 3) for v in values]}
+
         result = {
             "slide": path, "tiles": n, "rounds_per_pass": rounds, "level": grid.level, "read_size": grid.read_size,
             "stored_tile": list(slide.info.level_tile_sizes[grid.level]), "compression": slide.info.compression,
             "raw_decoder_check": raw.test_tile,
             "tiles_per_s": {name: summary(values) for name, values in rates.items()},
-            "raw_over_cucim": {"median": round(statistics.median(ratios), 3), "passes": [round(r, 3) for r in ratios]},
+            "raw_over_cucim": ratio("raw_cpu", "cucim"),
+            "python_api_over_cucim": ratio("raw_cpu_python_api", "cucim"),
+            "c_api_over_python_api": ratio("raw_cpu", "raw_cpu_python_api"),
             "decoded_to_needed_px": {name: round(c.decode_ratio, 4) for name, c in counters.items()},
         }
+        result["beside_busy_python"] = bench_beside_busy_python(slide, grid, repeats=repeats)
+        log(f"  one decoder beside a busy Python thread: {busy_line(result['beside_busy_python'])}")
         result["stored_tiles_cpu"] = bench_stored_tiles(slide, grid, "cpu", repeats=repeats, workers=workers,
                                                         batch=STORED_BATCH)
         log(f"  stored tiles on the CPU: {stored_line(result['stored_tiles_cpu'])}")
@@ -270,6 +293,66 @@ def bench_stored_tiles(slide, grid, backend: str, *, repeats: int, workers: int,
     finally:
         decoder.close()
     return out
+
+
+BUSY_CALL = 40          # stored tiles per call: about what the grid reader asks for at a time
+
+
+def bench_beside_busy_python(slide, grid, *, repeats: int) -> dict:
+    """Why the C API engine: one single-threaded CPU decoder per engine decodes the tissue grid's
+    stored tiles in calls of BUSY_CALL, alone and while another thread runs pure Python without
+    pause (as the pipeline's main thread runs the model, or the reader cuts tiles). Every time the
+    decoding thread gives the GIL up it may wait the switch interval (5 ms) to get it back:
+    nvImageCodec's Python API gives it up twice per tile, the C API once per call."""
+    import threading
+
+    out = {"call": BUSY_CALL, "switch_interval_s": sys.getswitchinterval()}
+    for engine in ("c-api", "python-api"):
+        choice = choose_decoder(slide, grid.level, DecodeRequest("cpu", "benchmark"), num_threads=1, engine=engine)
+        if choice.decoder is None:
+            return {"skipped": f"raw CPU path unavailable: {choice.note}"}
+        decoder = choice.decoder
+        indices = [i for i in grid_stored_tiles(slide, grid, choice) if decoder.raw.counts[i] > 0]
+
+        def one_pass() -> float:
+            start = time.perf_counter()
+            for k in range(0, len(indices), BUSY_CALL):
+                decoder.decode(indices[k:k + BUSY_CALL])
+            return len(indices) / (time.perf_counter() - start)
+
+        def beside_busy_thread() -> float:
+            stop = threading.Event()
+
+            def spin() -> None:
+                while not stop.is_set():
+                    pass
+
+            spinner = threading.Thread(target=spin)
+            spinner.start()
+            try:
+                return one_pass()
+            finally:
+                stop.set()
+                spinner.join()
+
+        try:
+            one_pass()                                        # warm-up
+            alone, beside = [], []
+            for _ in range(repeats):
+                alone.append(one_pass())
+                beside.append(beside_busy_thread())
+        finally:
+            decoder.close()
+        out[engine] = {"stored_tiles": len(indices), "alone": summary(alone), "beside_busy_python": summary(beside),
+                       "beside_over_alone": round(statistics.median(b / a for a, b in zip(alone, beside)), 3)}
+    return out
+
+
+def busy_line(result: dict) -> str:
+    if "skipped" in result:
+        return result["skipped"]
+    return ", ".join(f"{engine} {result[engine]['alone']['median']}/s alone, {result[engine]['beside_busy_python']['median']}/s "
+                     f"beside ({result[engine]['beside_over_alone']}x)" for engine in ("c-api", "python-api"))
 
 
 def stored_line(result: dict) -> str:
@@ -357,8 +440,10 @@ def main() -> None:
             results.append(bench_slide(path, mpp, repeats=args.repeats, workers=args.workers, gpu=args.gpu,
                                        regions=not args.no_region_blocks, log=log))
             r = results[-1]
-            log(f"  raw_cpu {r['tiles_per_s']['raw_cpu']['median']} tiles/s, cucim "
-                f"{r['tiles_per_s']['cucim']['median']} tiles/s, raw/cucim {r['raw_over_cucim']['median']}")
+            log(f"  raw_cpu {r['tiles_per_s']['raw_cpu']['median']} tiles/s (Python API "
+                f"{r['tiles_per_s']['raw_cpu_python_api']['median']}), cucim {r['tiles_per_s']['cucim']['median']} "
+                f"tiles/s, raw/cucim {r['raw_over_cucim']['median']}, C API / Python API "
+                f"{r['c_api_over_python_api']['median']}")
     ratios = [r["raw_over_cucim"]["median"] for r in results]
     report = {
         "schema": SCHEMA,

@@ -16,6 +16,7 @@
 
 #include "common.h"
 #include "cpu/kernels.h"
+#include "decode/nvimgcodec_batch.h"
 #ifdef JWTH_WITH_CUDA
 #include "cuda/api.h"
 #endif
@@ -396,6 +397,55 @@ void preprocess(py::handle src_o, py::handle dst_o, const std::vector<double>& m
 #endif
 }
 
+// ---- nvImageCodec batch decode ---------------------------------------------------------------------
+
+decode::ColourSpec parse_colour_spec(const std::string& s) {
+  if (s == "SRGB") return decode::ColourSpec::kSRGB;
+  if (s == "SYCC") return decode::ColourSpec::kSYCC;
+  if (s == "UNCHANGED") return decode::ColourSpec::kUnchanged;
+  value_error("colour", "'" + s + "' is not one of SRGB, SYCC, UNCHANGED");
+}
+
+// Stored tiles (bytes) -> caller-allocated [tile_h, tile_w, 3] uint8 buffers, one per stream, on
+// the decoder's side (host for the CPU backend, its GPU otherwise). Returns one status per tile
+// (decode::TileStatus values). The byte strings are held by the caller's list during the call;
+// the GIL is released while decoding.
+std::vector<int> nvimgcodec_decode(decode::NvImageCodecBatch& self, const py::list& streams, const py::list& outputs,
+                                   int tile_h, int tile_w, const std::string& colour, uintptr_t cuda_stream) {
+  const bool gpu = self.gpu();
+  const int device_id = self.device_id();
+  JWTH_CHECK_VALUE(tile_h > 0 && tile_w > 0, "tile size", "must be positive, got " + std::to_string(tile_w) + " x " +
+                                                             std::to_string(tile_h));
+  const size_t n = py::len(streams);
+  JWTH_CHECK_VALUE(py::len(outputs) == n, "outputs", "has " + std::to_string(py::len(outputs)) + " buffers for " +
+                                                         std::to_string(n) + " streams");
+  const decode::ColourSpec spec = parse_colour_spec(colour);
+  std::vector<decode::TileStream> data(n);
+  std::vector<uintptr_t> buffers(n);
+  const std::vector<int64_t> shape{tile_h, tile_w, 3};
+  for (size_t i = 0; i < n; ++i) {
+    py::handle item = streams[i];
+    if (!PyBytes_Check(item.ptr())) type_error("streams", "item " + std::to_string(i) + " is not bytes");
+    data[i] = {reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(item.ptr())),
+               static_cast<size_t>(PyBytes_GET_SIZE(item.ptr()))};
+    ArrayArg out = parse_array(outputs[i], "outputs");
+    expect_dtype(out, {DType::kUInt8});
+    expect_shape(out, shape, "one stored tile, RGB");
+    expect_contiguous(out);
+    if (out.device != (gpu ? Device::kCUDA : Device::kCPU) || (gpu && out.device_index != device_id))
+      value_error("outputs", "item " + std::to_string(i) + " is on " + out.device_str() + " but the decoder writes to " +
+                                 (gpu ? "cuda:" + std::to_string(device_id) : std::string("cpu")));
+    buffers[i] = out.ptr;
+  }
+  std::vector<decode::TileStatus> status;
+  {
+    py::gil_scoped_release no_gil;
+    status = self.decode(data, buffers, tile_h, tile_w, spec, cuda_stream);
+  }
+  return std::vector<int>(reinterpret_cast<const int*>(status.data()),
+                          reinterpret_cast<const int*>(status.data()) + status.size());
+}
+
 }  // namespace
 }  // namespace jwth
 
@@ -432,6 +482,30 @@ Releases the GIL.)doc");
         R"doc(uint8 tiles src [N, h, w, 3] -> dst [N, 3, H, W] (float32/float16/bfloat16):
 antialiased bilinear resize (torch interpolate(antialias=True, align_corners=False)), then
 (x / 255 - mean) / std per channel. Resize is skipped when (h, w) == (H, W). Releases the GIL.)doc");
+
+  m.def("nvimgcodec_compiled", &decode::nvimgcodec_compiled,
+        "True if the nvImageCodec batch decoder was compiled in (it opens the library at run time).");
+  py::class_<decode::NvImageCodecBatch>(m, "NvImageCodecBatch",
+                                        "Batch decoder of stored slide tiles over nvImageCodec's C API.")
+      .def(py::init([](const std::string& library, const std::string& extensions, bool gpu, int device_id,
+                       int threads) {
+             if (threads < 0) value_error("threads", "must be >= 0, got " + std::to_string(threads));
+             py::gil_scoped_release no_gil;   // creating decoders loads codec extensions
+             return std::make_unique<decode::NvImageCodecBatch>(library, extensions, gpu, device_id, threads);
+           }),
+           py::arg("library"), py::arg("extensions"), py::kw_only(), py::arg("gpu"), py::arg("device_id") = 0,
+           py::arg("threads") = 1,
+           R"doc(library: libnvimgcodec.so.0's path; extensions: its codec extension folder. gpu=False: the
+CPU backend with `threads` single-threaded decoders; gpu=True: device `device_id`, hardware JPEG
+engine first. Raises RuntimeError saying what failed (library, version, instance, decoder).)doc")
+      .def("library_version", &decode::NvImageCodecBatch::library_version)
+      .def("decode", &nvimgcodec_decode, py::arg("streams"), py::arg("outputs"), py::kw_only(), py::arg("tile_h"),
+           py::arg("tile_w"), py::arg("colour"), py::arg("cuda_stream") = 0,
+           R"doc(Decode `streams` (list of bytes, complete JPEG / JPEG 2000 streams) into `outputs` (array
+descriptors of [tile_h, tile_w, 3] uint8 contiguous buffers where the decoder writes: host memory
+for the CPU backend, its device otherwise). colour: SRGB, SYCC (stored components, no transform) or
+UNCHANGED. Returns a status per tile: 0 ok, 1 unparsable, 2 wrong size, 3 decode failed. On the GPU
+the decode is ordered on `cuda_stream`. Releases the GIL.)doc");
 
   m.def("cuda_compiled", [] {
 #ifdef JWTH_WITH_CUDA

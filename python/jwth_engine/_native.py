@@ -12,6 +12,8 @@ import functools
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from .errors import BackendUnavailable
 
 REBUILD_HINT = (
@@ -76,11 +78,14 @@ def _dtype_name(dtype) -> str:
 
 
 def array_arg(t) -> tuple:
-    """Descriptor of a torch tensor for `_C`: (data_ptr, shape, strides, dtype, device_type, index).
+    """Descriptor of a torch tensor (or a numpy array, on the CPU) for `_C`:
+    (data_ptr, shape, strides, dtype, device_type, index).
 
     Strides are in elements. The binding checks dtype, shape, contiguity and device against what
-    each kernel needs; the tensor must stay alive for the duration of the call.
+    each kernel needs; the array must stay alive for the duration of the call.
     """
+    if isinstance(t, np.ndarray):
+        return (t.ctypes.data, t.shape, tuple(s // t.itemsize for s in t.strides), t.dtype.name, "cpu", 0)
     device = t.device
     return (t.data_ptr(), tuple(t.shape), t.stride(), _dtype_name(t.dtype), device.type,
             device.index if device.index is not None else 0)

@@ -92,6 +92,9 @@ def resolve_decode(decode: str, device, *, auto_cpu: str | None = None) -> Decod
     return DecodeRequest(None, f"auto: nvImageCodec unavailable ({why_cpu})")
 
 
+API_NAMES = {"c-api": "C API (jwth_engine._C)", "python-api": "Python API"}
+
+
 @dataclass
 class RawDecodeChoice:
     """What decodes a grid's tiles: `decoder` (a TileDecoder) or None = the slide reader."""
@@ -106,10 +109,12 @@ class RawDecodeChoice:
 
 
 def choose_decoder(slide, level: int, request: DecodeRequest, *, device=None, stream=None,
-                   num_threads: int = 0, specs: tuple[str, ...] | None = None) -> RawDecodeChoice:
+                   num_threads: int = 0, specs: tuple[str, ...] | None = None,
+                   engine: str = "auto") -> RawDecodeChoice:
     """A TileDecoder for `level` of `slide` on the requested backend, checked on one tile against
     the slide reader, or the slide reader with the reason the raw path was not taken. `specs`: the
-    colour specs to try, in order (default nvimgcodec_decoder.colour_specs of the level)."""
+    colour specs to try, in order (default nvimgcodec_decoder.colour_specs of the level); `engine`:
+    nvimgcodec_engines.make_engine's."""
     reader_name = slide.info.reader
     backend, why = request.backend, request.why
     if backend is None:
@@ -143,7 +148,7 @@ def choose_decoder(slide, level: int, request: DecodeRequest, *, device=None, st
     tried: list[str] = []
     for spec in specs or colour_specs(raw):
         decoder = TileDecoder(source, raw, backend=backend, device=device, stream=stream, num_threads=num_threads,
-                              colour_spec=spec)
+                              colour_spec=spec, engine=engine)
         try:
             stats = compare_test_tile(slide, _test_decoder(slide, source, decoder))
         except SlideError as exc:     # a corrupt or undecodable test tile: no colour spec mends that
@@ -153,8 +158,8 @@ def choose_decoder(slide, level: int, request: DecodeRequest, *, device=None, st
         if stats["mean_abs_diff"] <= TEST_TILE_MEAN_TOL and stats["max_abs_diff"] <= TEST_TILE_MAX_TOL:
             codec = f"{raw.codec} tiles {raw.tile_w}x{raw.tile_h}"
             colour = f"; colour spec {spec} ({'; '.join(tried)} did not match)" if tried else ""
-            return RawDecodeChoice(decoder, decoder.name, f"{why}; {codec}; test tile matches {reader_name}{colour}",
-                                   stats)
+            return RawDecodeChoice(decoder, decoder.name, f"{why}; {codec}; nvImageCodec's {API_NAMES[decoder.engine]}; "
+                                                          f"test tile matches {reader_name}{colour}", stats)
         decoder.close(keep_source=True)
         first = first or stats
         tried.append(f"{spec}: mean |Δ| {stats['mean_abs_diff']:.2f}, max {stats['max_abs_diff']}")
@@ -178,7 +183,7 @@ def _test_decoder(slide, source, decoder):
         return decoder
     spec = decoder.colour_spec if decoder.colour_spec in colour_specs(raw0) else None
     return _Borrowed(TileDecoder(source, raw0, backend=decoder.backend, device=decoder.device,
-                                 stream=decoder.stream, colour_spec=spec))
+                                 stream=decoder.stream, colour_spec=spec, engine=decoder.engine))
 
 
 class _Borrowed:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import BackendUnavailable
 from .decoding import TEST_TILE_MAX_TOL
-from .nvimgcodec_decoder import DECODER_POOL, DecoderKey, import_nvimgcodec
+from .nvimgcodec_engines import TileStatus, import_nvimgcodec, make_engine
 
 CODECS = {"jpeg": "JPEG", "jpeg2000": "JPEG 2000"}      # RawLevel.codec -> display name
 _PILLOW_FORMAT = {"jpeg": "JPEG", "jpeg2000": "JPEG2000"}
@@ -56,7 +56,6 @@ def codec_checks(backend: str, device_id: int = 0) -> dict[str, CodecCheck]:
 def _check(backend: str, device_id: int, codec: str) -> CodecCheck:
     from PIL import Image
 
-    n = import_nvimgcodec()
     # A smooth gradient with a coloured block. JPEG at 4:4:4 (no chroma upsampling, where nvJPEG
     # and libjpeg's fancy upsampling differ at colour edges) and quality 95: decoders then differ by
     # their IDCT's rounding only. Pillow's JPEG 2000 is lossless: every decoder gives it exactly.
@@ -71,26 +70,33 @@ def _check(backend: str, device_id: int, codec: str) -> CodecCheck:
         return CodecCheck(True, f"not checked: Pillow cannot write a test {CODECS[codec]} image ({exc})")
     buffer.seek(0)
     reference = np.asarray(Image.open(buffer).convert("RGB"))
-    key = DecoderKey(backend, device_id, 1 if backend == "cpu" else 0)
-    decoder = DECODER_POOL.acquire(key)
+    # The engine the slides will use (the C API when _C has it), so a check that passes means
+    # slide tiles decode through the same code.
+    engine = make_engine(backend, device_id, 1 if backend == "cpu" else 0)
     try:
-        image = decoder.decode(n.CodeStream(buffer.getvalue()), params=n.DecodeParams(color_spec=n.ColorSpec.SRGB))
-        if image is not None and backend == "gpu":
+        if backend == "gpu":
             import torch
 
-            image = torch.from_dlpack(image).cpu()      # decoded on the current (default) stream
+            with torch.cuda.device(device_id):
+                out = torch.empty(reference.shape, dtype=torch.uint8, device=f"cuda:{device_id}")
+                status = engine.decode([buffer.getvalue()], [out], colour="SRGB",
+                                       cuda_stream=torch.cuda.current_stream().cuda_stream)[0]
+                image = out.cpu()         # on the same (current) stream: ordered after the decode
+        else:
+            out = np.empty(reference.shape, np.uint8)
+            status = engine.decode([buffer.getvalue()], [out], colour="SRGB")[0]
+            image = out
     except (RuntimeError, ValueError) as exc:
         return CodecCheck(False, f"the {backend.upper()} decoder raised {exc}")
     finally:
-        DECODER_POOL.release(key, decoder)
-    if image is None:
+        engine.close()
+    if status == TileStatus.WRONG_SIZE:
+        return CodecCheck(False, f"a {reference.shape} test image decoded to another size")
+    if status != TileStatus.OK:
         hint = _INSTALL.get((backend, codec))
         return CodecCheck(False, f"no {backend.upper()} {CODECS[codec]} decoder loaded"
                                  + (f" (is {hint} installed?)" if hint else ""))
-    ours = np.asarray(image)
-    if ours.shape != reference.shape:
-        return CodecCheck(False, f"a {reference.shape} test image decoded to {ours.shape}")
-    error = int(np.abs(ours.astype(int) - reference.astype(int)).max())
+    error = int(np.abs(np.asarray(image).astype(int) - reference.astype(int)).max())
     if error > TEST_TILE_MAX_TOL:       # the test tile's bound: IDCT rounding passes, colour mistakes do not
         return CodecCheck(False, f"a test image decoded with max |Δ| {error} vs Pillow's decode")
     return CodecCheck(True, f"max |Δ| vs Pillow's decode {error}")
@@ -143,9 +149,12 @@ def codec_unavailable(backend: str, device_id: int, codec: str) -> str | None:
 
 def describe_decoders() -> dict:
     """For `doctor`: which tile decoders `--decode` can use here, each codec checked, or why not."""
-    from .nvimgcodec_decoder import nvimgcodec_version
+    from .nvimgcodec_engines import c_api_unavailable, nvimgcodec_version
 
     report: dict = {"nvimgcodec": nvimgcodec_version() or "not installed"}
+    c_api = c_api_unavailable()
+    report["decode_api"] = ("C API through jwth_engine._C" if c_api is None
+                            else f"Python API (the C API path is unavailable: {c_api})")
     for backend, what in (("cpu", "nvImageCodec CPU backend: libjpeg-turbo, OpenJPEG"),
                           ("gpu", "nvImageCodec: nvJPEG hardware/CUDA decoders, nvJPEG2000")):
         ok, why, checks = _available(backend)

@@ -1,0 +1,142 @@
+"""The two nvImageCodec decode engines (slide/nvimgcodec_engines.py): the C API batch decoder in
+jwth_engine._C (csrc/decode/nvimgcodec_batch.cpp) against the Python API it replaces, which stays
+as the reference. Equal pixels on every shared slide and colour spec, one status per bad stream,
+and the binding's argument checks. (What the C API path is for, decoding beside a thread that
+runs Python, is measured in benchmarks/bench_decode.py, not timed here.)"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from jwth_engine._native import array_arg
+from jwth_engine.slide import open_slide
+from jwth_engine.slide.decoding import DecodeRequest, choose_decoder
+from jwth_engine.slide.nvimgcodec_decoder import TileDecoder, colour_specs
+from jwth_engine.slide.nvimgcodec_engines import TileStatus, c_api_unavailable, make_engine
+from jwth_engine.slide.raw_tiles import RawTileSource, tile_stream
+
+pytest.importorskip("nvidia.nvimgcodec")
+
+
+def test_the_c_api_engine_is_built_and_chosen(cmu_small):
+    """CI builds _C with nvImageCodec's header (a build requirement): the raw path runs on the C API."""
+    assert c_api_unavailable() is None
+    with open_slide(cmu_small) as slide:
+        choice = choose_decoder(slide, 0, DecodeRequest("cpu", "test"), num_threads=2)
+        try:
+            assert choice.decoder.engine == "c-api" and "C API" in choice.note, choice.note
+        finally:
+            choice.decoder.close()
+
+
+@pytest.fixture(scope="module")
+def ycbcr_420(tmp_path_factory):
+    """A generic tiled YCbCr 4:2:0 JPEG TIFF (tifffile), edge tiles included."""
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(1)
+    image = np.full((300, 420, 3), 240, np.uint8)
+    image[40:260, 60:380] = (190, 80, 160)
+    image += rng.integers(0, 50, image.shape, dtype=np.uint8)
+    path = tmp_path_factory.mktemp("engines") / "ycbcr420.tif"
+    tifffile.imwrite(path, image, tile=(128, 128), compression="jpeg", photometric="ycbcr", subsampling=(2, 2))
+    return path
+
+
+def _level_cases():
+    return [("cmu_small", 0), ("tiny_svs", 0), ("tcga_jp2k", 0), ("tcga_jp2k", 1), ("ycbcr_420", 0)]
+
+
+@pytest.mark.parametrize("name,level", _level_cases())
+def test_c_api_equals_python_api_on_every_stored_tile(request, name, level):
+    """Every stored tile of the level, every colour spec the level may be decoded with: the same
+    pixels from both engines (both on the CPU backend; bit-exact)."""
+    path = str(request.getfixturevalue(name))
+    with open_slide(path) as slide:
+        dims = slide.info.level_dimensions
+    source = RawTileSource(path, dims)
+    try:
+        raw = source.level(level)
+        indices = range(raw.tiles_across * raw.tiles_down)
+        for spec in colour_specs(raw):
+            tiles = {}
+            for engine in ("c-api", "python-api"):
+                decoder = TileDecoder(source, raw, backend="cpu", num_threads=2, colour_spec=spec, engine=engine)
+                try:
+                    assert decoder.engine == engine
+                    tiles[engine] = decoder.decode(indices)
+                finally:
+                    decoder.close(keep_source=True)
+            for index, (ours, ref) in enumerate(zip(tiles["c-api"], tiles["python-api"])):
+                np.testing.assert_array_equal(ours, ref, err_msg=f"{name} level {level} {spec} tile {index}")
+    finally:
+        source.close()
+
+
+def _cmu_streams(cmu_small, count):
+    with open_slide(cmu_small) as slide:
+        dims = slide.info.level_dimensions
+    source = RawTileSource(str(cmu_small), dims)
+    raw = source.level(0)
+    streams = [tile_stream(raw, data) for data in source.read(raw, range(count))]
+    source.close()
+    return raw, streams
+
+
+def _small_jpeg() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    # 4:4:4, as SYCC output (the stored components) needs; Pillow would subsample by default.
+    Image.fromarray(np.full((32, 48, 3), 128, np.uint8)).save(buffer, format="JPEG", subsampling=0)
+    return buffer.getvalue()
+
+
+def test_each_bad_stream_gets_its_status_and_the_rest_decode(cmu_small):
+    raw, streams = _cmu_streams(cmu_small, 4)
+    # Stream 2: its middle quarter overwritten with seeded random bytes (a marker libjpeg cannot
+    # take, as tests/test_raw_decode.py's corrupt tile); stream 3: a whole JPEG of another size.
+    corrupt = bytearray(streams[2])
+    quarter = len(corrupt) // 4
+    corrupt[quarter:2 * quarter] = np.random.default_rng(0).integers(0, 256, quarter, dtype=np.uint8).tobytes()
+    batch = [streams[0], b"not an image at all", bytes(corrupt), _small_jpeg(), streams[3]]
+    outputs = {}
+    for engine_name in ("c-api", "python-api"):
+        engine = make_engine("cpu", 0, 2, engine_name)
+        try:
+            out = [np.zeros((raw.tile_h, raw.tile_w, 3), np.uint8) for _ in batch]
+            status = [TileStatus(s) for s in engine.decode(batch, out, colour="SYCC")]
+        finally:
+            engine.close()
+        outputs[engine_name] = out
+        assert status[0] == status[4] == TileStatus.OK, (engine_name, status)
+        assert status[1] in (TileStatus.UNPARSABLE, TileStatus.DECODE_FAILED), (engine_name, status)
+        assert status[2] == TileStatus.DECODE_FAILED and status[3] == TileStatus.WRONG_SIZE, (engine_name, status)
+    for k in (0, 4):
+        np.testing.assert_array_equal(outputs["c-api"][k], outputs["python-api"][k])
+    assert outputs["c-api"][0].std() > 0       # real pixels, not the zeros it started as
+
+
+def test_the_binding_checks_its_arguments(cmu_small):
+    raw, streams = _cmu_streams(cmu_small, 2)
+    engine = make_engine("cpu", 0, 1, "c-api")
+    shape = (raw.tile_h, raw.tile_w, 3)
+    try:
+        with pytest.raises(TypeError, match="outputs.*dtype float32"):
+            engine.decode(streams, [np.zeros(shape, np.float32)] * 2, colour="SYCC")
+        with pytest.raises(ValueError, match=r"outputs.*expected shape \[240, 240, 3\]"):
+            engine._batch.decode(streams, [array_arg(np.zeros((240, 200, 3), np.uint8))] * 2, tile_h=240,
+                                 tile_w=240, colour="SYCC")
+        with pytest.raises(ValueError, match="outputs.*has 1 buffers for 2 streams"):
+            engine.decode(streams, [np.zeros(shape, np.uint8)], colour="SYCC")
+        with pytest.raises(ValueError, match="outputs.*contiguous"):
+            wide = np.zeros((raw.tile_h, raw.tile_w * 2, 3), np.uint8)
+            engine.decode(streams, [wide[:, ::2]] * 2, colour="SYCC")
+        with pytest.raises(TypeError, match="streams.*item 1 is not bytes"):
+            engine.decode([streams[0], bytearray(streams[1])], [np.zeros(shape, np.uint8)] * 2, colour="SYCC")
+        with pytest.raises(ValueError, match="colour.*'RGB' is not one of"):
+            engine.decode(streams, [np.zeros(shape, np.uint8)] * 2, colour="RGB")
+    finally:
+        engine.close()
