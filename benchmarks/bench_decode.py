@@ -189,7 +189,8 @@ def bench_region_blocks(slide, slide_mpp: float, tissue, *, repeats: int, worker
             "raw_over_cucim": {"median": round(statistics.median(ratios), 3), "passes": [round(r, 3) for r in ratios]}}
 
 
-def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu: bool, regions: bool, log) -> dict:
+def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu: bool, regions: bool,
+                engine_ab: bool, log) -> dict:
     with open_slide(path, reader="cucim") as slide:
         slide_mpp = resolve_mpp(slide.info, mpp)
         tissue = detect_tissue(slide, mpp=slide_mpp)
@@ -200,7 +201,8 @@ def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu
         # Python API, the engine the C API replaced, read in the same interleaved passes.
         choices = {name: choose_decoder(slide, grid.level, DecodeRequest("cpu", "benchmark"), num_threads=workers,
                                         engine=engine)
-                   for name, engine in (("raw_cpu", "c-api"), ("raw_cpu_python_api", "python-api"))}
+                   for name, engine in (("raw_cpu", "c-api"), ("raw_cpu_python_api", "python-api"))
+                   if engine_ab or name == "raw_cpu"}
         for choice in choices.values():
             if choice.decoder is None:
                 raise SystemExit(f"{path}: raw path unavailable: {choice.note}")
@@ -230,12 +232,15 @@ def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu
             "raw_decoder_check": raw.test_tile,
             "tiles_per_s": {name: summary(values) for name, values in rates.items()},
             "raw_over_cucim": ratio("raw_cpu", "cucim"),
-            "python_api_over_cucim": ratio("raw_cpu_python_api", "cucim"),
-            "c_api_over_python_api": ratio("raw_cpu", "raw_cpu_python_api"),
             "decoded_to_needed_px": {name: round(c.decode_ratio, 4) for name, c in counters.items()},
         }
-        result["beside_busy_python"] = bench_beside_busy_python(slide, grid, repeats=repeats)
-        log(f"  one decoder beside a busy Python thread: {busy_line(result['beside_busy_python'])}")
+        if engine_ab:
+            result["python_api_over_cucim"] = ratio("raw_cpu_python_api", "cucim")
+            result["c_api_over_python_api"] = ratio("raw_cpu", "raw_cpu_python_api")
+            result["beside_busy_python"] = bench_beside_busy_python(slide, grid, repeats=repeats)
+            log(f"  one decoder beside a busy Python thread: {busy_line(result['beside_busy_python'])}")
+        else:
+            result["beside_busy_python"] = {"skipped": "--no-engine-ab"}
         result["stored_tiles_cpu"] = bench_stored_tiles(slide, grid, "cpu", repeats=repeats, workers=workers,
                                                         batch=STORED_BATCH)
         log(f"  stored tiles on the CPU: {stored_line(result['stored_tiles_cpu'])}")
@@ -421,6 +426,9 @@ def main() -> None:
                         help="skip the synthetic slide (writing it needs tifffile's JPEG codec, imagecodecs)")
     parser.add_argument("--no-region-blocks", action="store_true",
                         help="skip the region path's block reads (the GPU check script's time budget)")
+    parser.add_argument("--no-engine-ab", action="store_true",
+                        help="skip the Python API engine's passes and the busy-thread comparison (CPU-side "
+                             "questions; the GPU check script's time budget)")
     add_dry_run(parser)
     args = parser.parse_args()
     dry_run_exit(args)
@@ -438,12 +446,12 @@ def main() -> None:
             slides.append((synthetic, None))
         for path, mpp in slides:
             results.append(bench_slide(path, mpp, repeats=args.repeats, workers=args.workers, gpu=args.gpu,
-                                       regions=not args.no_region_blocks, log=log))
+                                       regions=not args.no_region_blocks, engine_ab=not args.no_engine_ab, log=log))
             r = results[-1]
-            log(f"  raw_cpu {r['tiles_per_s']['raw_cpu']['median']} tiles/s (Python API "
-                f"{r['tiles_per_s']['raw_cpu_python_api']['median']}), cucim {r['tiles_per_s']['cucim']['median']} "
-                f"tiles/s, raw/cucim {r['raw_over_cucim']['median']}, C API / Python API "
-                f"{r['c_api_over_python_api']['median']}")
+            ab = (f", Python API {r['tiles_per_s']['raw_cpu_python_api']['median']} tiles/s, C API / Python API "
+                  f"{r['c_api_over_python_api']['median']}" if "c_api_over_python_api" in r else "")
+            log(f"  raw_cpu {r['tiles_per_s']['raw_cpu']['median']} tiles/s, cucim {r['tiles_per_s']['cucim']['median']} "
+                f"tiles/s, raw/cucim {r['raw_over_cucim']['median']}{ab}")
     ratios = [r["raw_over_cucim"]["median"] for r in results]
     report = {
         "schema": SCHEMA,

@@ -185,7 +185,7 @@ step decode gpu 30 "$PY" benchmarks/bench_cucim_decode.py "$CMU" --out "$OUT/cuc
 # The raw-tile path: nvImageCodec on the GPU (nvJPEG / nvJPEG2000) beside its CPU backend and cuCIM.
 SYNTH=()
 "$PY" -c "import imagecodecs" 2>/dev/null || SYNTH=(--no-synthetic)
-step rawdecode gpu 120 "$PY" benchmarks/bench_decode.py --gpu --repeats 3 --workers 4 --no-region-blocks "${SYNTH[@]}" \
+step rawdecode gpu 120 "$PY" benchmarks/bench_decode.py --gpu --repeats 3 --workers 4 --no-region-blocks --no-engine-ab "${SYNTH[@]}" \
   --out "$OUT/decode_cuda.json" "${DRY[@]}"
 
 "$PY" - "$OUT" "$MODE" "$BUDGET" "$((SECONDS - START))" <<'EOF'
