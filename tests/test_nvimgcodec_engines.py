@@ -32,28 +32,16 @@ def test_the_c_api_engine_is_built_and_chosen(cmu_small):
             choice.decoder.close()
 
 
-@pytest.fixture(scope="module")
-def ycbcr_420(tmp_path_factory):
-    """A generic tiled YCbCr 4:2:0 JPEG TIFF (tifffile), edge tiles included."""
-    tifffile = pytest.importorskip("tifffile")
-    rng = np.random.default_rng(1)
-    image = np.full((300, 420, 3), 240, np.uint8)
-    image[40:260, 60:380] = (190, 80, 160)
-    image += rng.integers(0, 50, image.shape, dtype=np.uint8)
-    path = tmp_path_factory.mktemp("engines") / "ycbcr420.tif"
-    tifffile.imwrite(path, image, tile=(128, 128), compression="jpeg", photometric="ycbcr", subsampling=(2, 2))
-    return path
+CASES = [("cmu_small", None, 0), ("tiny_svs", None, 0), ("tcga_jp2k", None, 0), ("tcga_jp2k", None, 1),
+         ("tiffs", 0, 0), ("tiffs", 0, 1), ("tiffs", 1, 0)]      # tiffs: YCbCr 4:2:0, then 4:4:4 (conftest.py)
 
 
-def _level_cases():
-    return [("cmu_small", 0), ("tiny_svs", 0), ("tcga_jp2k", 0), ("tcga_jp2k", 1), ("ycbcr_420", 0)]
-
-
-@pytest.mark.parametrize("name,level", _level_cases())
-def test_c_api_equals_python_api_on_every_stored_tile(request, name, level):
+@pytest.mark.parametrize("name,which,level", CASES)
+def test_c_api_equals_python_api_on_every_stored_tile(request, name, which, level):
     """Every stored tile of the level, every colour spec the level may be decoded with: the same
     pixels from both engines (both on the CPU backend; bit-exact)."""
-    path = str(request.getfixturevalue(name))
+    path = request.getfixturevalue(name)
+    path = str(path if which is None else path[which])
     with open_slide(path) as slide:
         dims = slide.info.level_dimensions
     source = RawTileSource(path, dims)

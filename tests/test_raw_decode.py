@@ -149,25 +149,6 @@ def test_model_tiles_equal_reader_path(request, name, mpp, target, level):
             ref_reader.close()
 
 
-@pytest.fixture()
-def tiffs(tmp_path):
-    """Generic tiled JPEG TIFFs written by tifffile: YCbCr 4:2:0 and 4:4:4, two levels."""
-    tifffile = pytest.importorskip("tifffile")
-    rng = np.random.default_rng(0)
-    base = np.full((600, 700, 3), 245, np.uint8)
-    base[100:500, 150:600] = (200, 90, 170)
-    base += rng.integers(0, 40, base.shape, dtype=np.uint8)
-    paths = []
-    for sub in ((2, 2), (1, 1)):
-        path = tmp_path / f"ycbcr{sub[0]}.tif"
-        with tifffile.TiffWriter(path) as tw:
-            for level, image in enumerate((base, np.ascontiguousarray(base[::2, ::2]))):
-                tw.write(image, tile=(128, 128), compression="jpeg", photometric="ycbcr", subsampling=sub,
-                         subfiletype=level, resolution=(20000 / 2 ** level,) * 2, resolutionunit="CENTIMETER")
-        paths.append(path)
-    return paths
-
-
 def test_generic_ycbcr_jpeg_tiff_equals_openslide(tiffs):
     for path in tiffs:
         for level in (0, 1):
