@@ -161,7 +161,7 @@ fi
 step doctor any 90 bash -c "'$PY' -m jwth_engine.cli doctor --json > '$OUT/doctor.json'"
 
 TESTS=(tests/test_attn_pool_kernels.py tests/test_preprocess.py tests/test_pipeline.py tests/test_backends.py
-       tests/test_tensorrt.py tests/test_build.py tests/test_raw_decode.py)
+       tests/test_tensorrt.py tests/test_build.py tests/test_raw_decode.py tests/test_nvimgcodec_engines.py)
 SELECT="cuda or gpu or trt or tensorrt or nvcc or compiled"
 if [[ "$MODE" == dry-run ]]; then
   step tests gpu 180 "$PY" -m pytest -q -p no:cacheprovider --collect-only -k "$SELECT" "${TESTS[@]}"

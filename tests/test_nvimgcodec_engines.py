@@ -128,3 +128,52 @@ def test_the_binding_checks_its_arguments(cmu_small):
             engine.decode(streams, [np.zeros(shape, np.uint8)] * 2, colour="RGB")
     finally:
         engine.close()
+
+
+# --- GPU: run wherever a GPU is present (benchmarks/gpu_check.sh runs them with JWTH_REQUIRE_GPU=1) --
+
+@pytest.mark.parametrize("name", ["cmu_small", "tcga_jp2k"])
+def test_gpu_c_api_equals_python_api(request, name):
+    """On the GPU both engines drive the same nvImageCodec decoders (hardware JPEG engine first)
+    with the same parameters: for every colour spec the level may use, the same pixels, or the same
+    failure; the C API's tiles are device tensors torch allocated, written on the given stream."""
+    import torch
+    from _gpu import gpu_skip
+
+    from jwth_engine.errors import SlideError
+    from jwth_engine.slide.nvimgcodec_check import gpu_decode_available
+
+    if not torch.cuda.is_available():
+        gpu_skip("no CUDA GPU visible to torch")
+    ok, why = gpu_decode_available()
+    if not ok:
+        gpu_skip(f"GPU decode unavailable: {why}")
+    path = str(request.getfixturevalue(name))
+    with open_slide(path) as slide:
+        dims = slide.info.level_dimensions
+    source = RawTileSource(path, dims)
+    stream = torch.cuda.Stream()
+    try:
+        raw = source.level(0)
+        indices = list(range(min(32, raw.tiles_across * raw.tiles_down)))
+        for spec in colour_specs(raw):
+            outcome = {}
+            for engine in ("c-api", "python-api"):
+                decoder = TileDecoder(source, raw, backend="gpu", stream=stream, colour_spec=spec, engine=engine)
+                try:
+                    with torch.cuda.stream(stream):
+                        tiles = decoder.decode(indices)
+                        assert all(t.is_cuda and t.dtype == torch.uint8 for t in tiles)
+                        outcome[engine] = [t.cpu().numpy() for t in tiles]
+                except SlideError as exc:
+                    outcome[engine] = f"failed: {exc.problem}"
+                finally:
+                    decoder.close(keep_source=True)
+            print(f"{name} {spec}: " + ", ".join(f"{k} {'ok' if isinstance(v, list) else v}" for k, v in outcome.items()))
+            if isinstance(outcome["python-api"], str) or isinstance(outcome["c-api"], str):
+                assert isinstance(outcome["python-api"], str) and isinstance(outcome["c-api"], str), outcome
+                continue
+            for k, (ours, ref) in enumerate(zip(outcome["c-api"], outcome["python-api"])):
+                np.testing.assert_array_equal(ours, ref, err_msg=f"{name} {spec} tile {k}")
+    finally:
+        source.close()
