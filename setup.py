@@ -9,6 +9,8 @@ pattern). Knobs are environment variables that become CMake options:
   JWTH_BUILD_TYPE=Release CMake build type (Debug, RelWithDebInfo, ...)
   JWTH_BUILD_JOBS=N       parallel compile jobs (default: CPU count; setup.py -j also works)
   CUDACXX / CUDA_HOME     which nvcc to use (default: $CUDA_HOME/bin, /usr/local/cuda/bin, PATH)
+  JWTH_NVIMGCODEC_INCLUDE folder with nvimgcodec.h for the batch decoder (default: the installed
+                          nvidia-nvimgcodec wheel's, a build requirement in pyproject.toml)
 
 Development loop: `python setup.py build_ext --inplace` puts `_C*.so` into python/jwth_engine/ so
 the tree runs with PYTHONPATH=python.
@@ -83,6 +85,8 @@ class CMakeBuild(build_ext):
             f"-DJWTH_SKIP_CUDA={'ON' if _env_on('JWTH_SKIP_CUDA') else 'OFF'}",
             f"-DJWTH_CUDA_ARCHS={os.environ.get('JWTH_CUDA_ARCHS', '80;89;90')}",
         ]
+        if os.environ.get("JWTH_NVIMGCODEC_INCLUDE"):
+            args.append(f"-DJWTH_NVIMGCODEC_INCLUDE={os.environ['JWTH_NVIMGCODEC_INCLUDE']}")
         if not _env_on("JWTH_SKIP_CUDA"):
             nvcc = self._nvcc()
             if nvcc:
