@@ -32,6 +32,30 @@ def test_the_c_api_engine_is_built_and_chosen(cmu_small):
             choice.decoder.close()
 
 
+def test_auto_falls_back_to_the_python_api_and_says_why(cmu_small, monkeypatch):
+    """Where the C API decoder cannot be made (an nvImageCodec of another version, say), `auto`
+    decodes through the Python API and the reader's note gives the reason; asking for the C API
+    by name fails instead."""
+    from jwth_engine.errors import BackendUnavailable
+    from jwth_engine.slide import nvimgcodec_engines
+
+    def refuse(key):
+        raise BackendUnavailable("nvImageCodec 0.10.0 is installed but jwth_engine._C was built against 0.9")
+
+    monkeypatch.setattr(nvimgcodec_engines.BATCH_DECODERS, "_make", refuse)
+    monkeypatch.setattr(nvimgcodec_engines.BATCH_DECODERS, "_free", {})
+    with pytest.raises(BackendUnavailable, match="built against 0.9"):
+        make_engine("cpu", 0, 1, "c-api")
+    with open_slide(cmu_small) as slide:
+        choice = choose_decoder(slide, 0, DecodeRequest("cpu", "test"), num_threads=2)
+        try:
+            assert choice.decoder.engine == "python-api"
+            assert "Python API (the C API is unavailable: nvImageCodec 0.10.0 is installed" in choice.note, choice.note
+            assert choice.test_tile["max_abs_diff"] == 0
+        finally:
+            choice.decoder.close()
+
+
 CASES = [("cmu_small", None, 0), ("tiny_svs", None, 0), ("tcga_jp2k", None, 0), ("tcga_jp2k", None, 1),
          ("tiffs", 0, 0), ("tiffs", 0, 1), ("tiffs", 1, 0)]      # tiffs: YCbCr 4:2:0, then 4:4:4 (conftest.py)
 

@@ -3,9 +3,9 @@
 //
 // Why not the Python API: its decode loop releases and re-takes the GIL around every tile's
 // image-info query and buffer allocation. Beside any thread that runs Python (the pipeline's main
-// thread, the reader cutting model tiles) each re-take waits up to the interpreter's switch interval
-// (5 ms): measured on the synthetic 4:2:0 slide, a busy Python thread cut the Python API from
-// 4,872 to 708 tiles/s, and this path from 4,467 to 2,607 (one re-take per 40-tile call).
+// thread, the reader cutting model tiles) each re-take can wait up to the interpreter's switch
+// interval (5 ms): beside a busy Python thread one decoder kept 0.08-0.09 of its speed through the
+// Python API on JPEG, 0.55-0.56 through this path (one re-take per 40-tile call; bench_decode.py).
 //
 // libnvimgcodec is opened at run time (dlopen) from the path the Python side finds in the installed
 // wheel (cu12 or cu13), so `_C` imports and its kernels work without nvImageCodec; the header this

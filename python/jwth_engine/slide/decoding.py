@@ -158,7 +158,8 @@ def choose_decoder(slide, level: int, request: DecodeRequest, *, device=None, st
         if stats["mean_abs_diff"] <= TEST_TILE_MEAN_TOL and stats["max_abs_diff"] <= TEST_TILE_MAX_TOL:
             codec = f"{raw.codec} tiles {raw.tile_w}x{raw.tile_h}"
             colour = f"; colour spec {spec} ({'; '.join(tried)} did not match)" if tried else ""
-            return RawDecodeChoice(decoder, decoder.name, f"{why}; {codec}; nvImageCodec's {API_NAMES[decoder.engine]}; "
+            api = API_NAMES[decoder.engine] + (f" ({decoder.engine_why})" if decoder.engine_why else "")
+            return RawDecodeChoice(decoder, decoder.name, f"{why}; {codec}; nvImageCodec's {api}; "
                                                           f"test tile matches {reader_name}{colour}", stats)
         decoder.close(keep_source=True)
         first = first or stats

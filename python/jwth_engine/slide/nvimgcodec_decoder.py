@@ -95,6 +95,11 @@ class TileDecoder:
         """Which nvImageCodec API decodes: "c-api" or "python-api"."""
         return self._engine.name
 
+    @property
+    def engine_why(self) -> str:
+        """Why that engine, when "auto" could not have the C API (else "")."""
+        return self._engine.why
+
     def decode(self, indices) -> list:
         """Tiles `indices` of the level, in that order. Raises SlideError naming a bad tile."""
         raw = self.raw

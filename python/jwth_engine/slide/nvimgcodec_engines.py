@@ -16,11 +16,11 @@ failure into a line naming the tile.
 Why the C API is the default: nvImageCodec's Python `decode` releases and re-takes the GIL around
 every tile's image-info query and buffer allocation. Beside a thread running Python (the
 pipeline's main thread, the reader cutting model tiles) each re-take can wait the interpreter's
-switch interval (5 ms). Measured on this project's 2-core CPU machine, synthetic 4:2:0 slide, one
-single-threaded decoder, calls of 40 tiles: with a busy Python thread beside it the Python API fell
-from 4,872 to 708 tiles/s, the C API from 4,467 to 2,607 (its one re-take per call). In the grid
-reader alone (no other Python thread) the C API read 1.11-1.26x the Python API's tiles/s in four
-A/B runs of 7 interleaved passes.
+switch interval (5 ms). benchmarks/results/decode_cpu.json (193e056, 2-core CPU machine): one
+single-threaded decoder, calls of 40 stored tiles, beside a busy Python thread kept 0.08-0.09 of
+its speed alone through the Python API on the JPEG slides and 0.55-0.56 through the C API (its one
+re-take per call); in the grid reader alone the C API read 1.10x and 1.18x the Python API's
+tiles/s on the two JPEG slides (every pass of 7) and 1.07x on JPEG 2000 (not resolved).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def _make_python_decoder(key: DecoderKey):
 
 def _make_batch(key: DecoderKey):
     """One C API batch decoder (jwth_engine._C.NvImageCodecBatch) for `key`."""
-    why = c_api_unavailable()
+    why = _c_api_missing()
     if why is not None:
         raise BackendUnavailable(why)
     from .. import _native
@@ -156,7 +156,22 @@ BATCH_DECODERS = _Pool(_make_batch)
 
 
 def c_api_unavailable() -> str | None:
-    """Why the C API engine cannot run here (None when it can)."""
+    """Why the C API engine cannot run here (None when it can): what `_c_api_missing` checks, then
+    a CPU decoder made (and pooled), which opens the library and checks its version."""
+    why = _c_api_missing()
+    if why is not None:
+        return why
+    key = DecoderKey("cpu", 0, 1)
+    try:
+        BATCH_DECODERS.release(key, BATCH_DECODERS.acquire(key))
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _c_api_missing() -> str | None:
+    """What the C API engine lacks here before a decoder is made: _C, nvImageCodec's header in it,
+    nvImageCodec itself (None when nothing)."""
     from .. import _native
 
     if not _native.native_available():
@@ -175,19 +190,24 @@ def make_engine(backend: str, device_id: int, threads: int, engine: str = "auto"
     (the C API when it can be made here, else the Python API). Raises BackendUnavailable."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    why = ""
     if engine != "python-api":
         try:
             return CApiEngine(backend, device_id, threads)
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
             if engine == "c-api":
                 raise
-    return PythonApiEngine(backend, device_id, threads)
+            why = f"the C API is unavailable: {exc}"
+    fallback = PythonApiEngine(backend, device_id, threads)
+    fallback.why = why
+    return fallback
 
 
 class CApiEngine:
     """nvImageCodec's C API through jwth_engine._C (module docstring)."""
 
     name = "c-api"
+    why = ""             # why this engine, when it is not the one asked for (see make_engine)
 
     def __init__(self, backend: str, device_id: int, threads: int):
         # CPU: `threads` decoders inside one batch object; GPU: one decoder (threads = its helpers).
@@ -213,6 +233,7 @@ class PythonApiEngine:
     name = "python-api"
 
     def __init__(self, backend: str, device_id: int, threads: int):
+        self.why = ""
         self.backend = backend
         # CPU: one single-threaded decoder per thread (nvImageCodec's own executor keeps a core
         # free; on a 2-core machine it decodes on one thread); GPU: one decoder.
