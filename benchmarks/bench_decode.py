@@ -17,15 +17,15 @@ noise of a shared machine:
 All use `--workers` decode threads and decode each stored tile once per pass (cuCIM's decoded-tile
 cache is off). Reported: tiles/s as the median of N passes with min and max, the medians of the
 per-pass ratios raw/cucim, Python API/cucim and C API/Python API, and decoded / needed pixels.
+With `--gpu` (and a GPU), the raw path on nvImageCodec's GPU backend (tiles cut on the device,
+synchronised per pass) and cuCIM's `read_region(device="cuda")` of the same stored-tile units are
+timed too; without a GPU that part is recorded as skipped.
 
 Beside a busy Python thread (`beside_busy_python`): one single-threaded decoder per engine decodes
 the tissue grid's stored tiles in calls of 40, alone and while another thread runs pure Python
 (as the pipeline's main thread does); tiles/s of each and their ratio. nvImageCodec's Python API
-gives the GIL up twice per tile, the C API once per call, and each give-up may cost a switch
-interval (5 ms) to take it back. With `--gpu` (and a GPU), the raw path on
-nvImageCodec's GPU backend (tiles cut on the device, synchronised per pass) and cuCIM's
-`read_region(device="cuda")` of the same stored-tile units are timed too; without a GPU that part
-is recorded as skipped.
+gives the GIL up around each tile (twice, in its python/decoder.cpp), the C API once per call,
+and each give-up may cost a switch interval (5 ms) to take it back.
 
 The decoder alone (`stored_tiles_cpu`, and `gpu.stored_tiles` with `--gpu`): stored tiles of the
 grid's level decoded by the raw path's decoder in calls of 256, no cutting; stored tiles/s and CPU
@@ -308,7 +308,7 @@ def bench_beside_busy_python(slide, grid, *, repeats: int) -> dict:
     stored tiles in calls of BUSY_CALL, alone and while another thread runs pure Python without
     pause (as the pipeline's main thread runs the model, or the reader cuts tiles). Every time the
     decoding thread gives the GIL up it may wait the switch interval (5 ms) to get it back:
-    nvImageCodec's Python API gives it up twice per tile, the C API once per call."""
+    nvImageCodec's Python API gives it up around each tile, the C API once per call."""
     import threading
 
     out = {"call": BUSY_CALL, "switch_interval_s": sys.getswitchinterval()}

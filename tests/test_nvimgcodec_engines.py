@@ -1,6 +1,6 @@
 """The two nvImageCodec decode engines (slide/nvimgcodec_engines.py): the C API batch decoder in
 jwth_engine._C (csrc/decode/nvimgcodec_batch.cpp) against the Python API it replaces, which stays
-as the reference. Equal pixels on every shared slide and colour spec, one status per bad stream,
+as the reference. Equal pixels on the shared SVS slides and generated YCbCr TIFFs, every colour spec, one status per bad stream,
 and the binding's argument checks. (What the C API path is for, decoding beside a thread that
 runs Python, is measured in benchmarks/bench_decode.py, not timed here.)"""
 

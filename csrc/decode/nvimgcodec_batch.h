@@ -1,5 +1,5 @@
 // Batch decode of stored slide tiles through nvImageCodec's C API, with the GIL released once per
-// batch (the binding does that) instead of twice per tile as nvImageCodec's Python `decode` does.
+// batch (the binding does that) instead of around each tile as nvImageCodec's Python `decode` does.
 //
 // Why not the Python API: its decode loop releases and re-takes the GIL around every tile's
 // image-info query and buffer allocation. Beside any thread that runs Python (the pipeline's main

@@ -231,9 +231,9 @@ class PythonApiEngine:
     """nvImageCodec's Python API (module docstring): the reference path."""
 
     name = "python-api"
+    why = ""             # why this engine, when it is not the one asked for (see make_engine)
 
     def __init__(self, backend: str, device_id: int, threads: int):
-        self.why = ""
         self.backend = backend
         # CPU: one single-threaded decoder per thread (nvImageCodec's own executor keeps a core
         # free; on a 2-core machine it decodes on one thread); GPU: one decoder.
