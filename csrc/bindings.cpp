@@ -406,12 +406,15 @@ decode::ColourSpec parse_colour_spec(const std::string& s) {
   value_error("colour", "'" + s + "' is not one of SRGB, SYCC, UNCHANGED");
 }
 
-// Stored tiles (bytes) -> caller-allocated [tile_h, tile_w, 3] uint8 buffers, one per stream, on
-// the decoder's side (host for the CPU backend, its GPU otherwise). Returns one status per tile
-// (decode::TileStatus values). The byte strings are held by the caller's list during the call;
-// the GIL is released while decoding.
+// Stored tiles (bytes) -> caller-allocated uint8 RGB buffers, one per stream, on the decoder's side
+// (host for the CPU backend, its GPU otherwise). Each stream holds a tile_w x tile_h image; with
+// `regions` (None, or one (x0, y0, x1, y1) or None per stream) only that part is decoded, and its
+// output is [y1 - y0, x1 - x0, 3]: pixels and channels packed, rows any stride apart (a view into a
+// whole tile's array). Returns one status per tile (decode::TileStatus values). The byte strings
+// are held by the caller's list during the call; the GIL is released while decoding.
 std::vector<int> nvimgcodec_decode(decode::NvImageCodecBatch& self, const py::list& streams, const py::list& outputs,
-                                   int tile_h, int tile_w, const std::string& colour, uintptr_t cuda_stream) {
+                                   const py::object& regions, int tile_h, int tile_w, const std::string& colour,
+                                   uintptr_t cuda_stream) {
   const bool gpu = self.gpu();
   const int device_id = self.device_id();
   JWTH_CHECK_VALUE(tile_h > 0 && tile_w > 0, "tile size", "must be positive, got " + std::to_string(tile_w) + " x " +
@@ -419,28 +422,52 @@ std::vector<int> nvimgcodec_decode(decode::NvImageCodecBatch& self, const py::li
   const size_t n = py::len(streams);
   JWTH_CHECK_VALUE(py::len(outputs) == n, "outputs", "has " + std::to_string(py::len(outputs)) + " buffers for " +
                                                          std::to_string(n) + " streams");
+  py::list region_list;
+  if (!regions.is_none()) {
+    region_list = py::list(regions);
+    JWTH_CHECK_VALUE(py::len(region_list) == n, "regions", "has " + std::to_string(py::len(region_list)) +
+                                                               " items for " + std::to_string(n) + " streams");
+  }
   const decode::ColourSpec spec = parse_colour_spec(colour);
-  std::vector<decode::TileStream> data(n);
-  std::vector<uintptr_t> buffers(n);
-  const std::vector<int64_t> shape{tile_h, tile_w, 3};
+  std::vector<decode::TileJob> jobs(n);
   for (size_t i = 0; i < n; ++i) {
+    const std::string item_name = "item " + std::to_string(i);
     py::handle item = streams[i];
-    if (!PyBytes_Check(item.ptr())) type_error("streams", "item " + std::to_string(i) + " is not bytes");
-    data[i] = {reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(item.ptr())),
-               static_cast<size_t>(PyBytes_GET_SIZE(item.ptr()))};
+    if (!PyBytes_Check(item.ptr())) type_error("streams", item_name + " is not bytes");
+    decode::TileJob& job = jobs[i];
+    job.data = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(item.ptr()));
+    job.size = static_cast<size_t>(PyBytes_GET_SIZE(item.ptr()));
+    job.x0 = job.y0 = 0;
+    job.x1 = tile_w;
+    job.y1 = tile_h;
+    if (!regions.is_none() && !region_list[i].is_none()) {
+      const auto box = region_list[i].cast<std::vector<int>>();
+      JWTH_CHECK_VALUE(box.size() == 4 && box[0] >= 0 && box[1] >= 0 && box[0] < box[2] && box[1] < box[3] &&
+                           box[2] <= tile_w && box[3] <= tile_h,
+                       "regions", item_name + " is not (x0, y0, x1, y1) inside a " + std::to_string(tile_w) + " x " +
+                                      std::to_string(tile_h) + " tile");
+      job.x0 = box[0];
+      job.y0 = box[1];
+      job.x1 = box[2];
+      job.y1 = box[3];
+    }
     ArrayArg out = parse_array(outputs[i], "outputs");
     expect_dtype(out, {DType::kUInt8});
-    expect_shape(out, shape, "one stored tile, RGB");
-    expect_contiguous(out);
+    expect_shape(out, {job.y1 - job.y0, job.x1 - job.x0, 3}, "the stored tile's region, RGB");
+    // Pixels and channels packed, rows any stride apart (uint8: strides are bytes).
+    if (out.strides[2] != 1 || out.strides[1] != 3 || out.strides[0] < 3 * int64_t{job.x1 - job.x0})
+      value_error("outputs", item_name + " must have packed RGB rows (strides [>= 3 * width, 3, 1]), got strides " +
+                                 join(out.strides));
     if (out.device != (gpu ? Device::kCUDA : Device::kCPU) || (gpu && out.device_index != device_id))
-      value_error("outputs", "item " + std::to_string(i) + " is on " + out.device_str() + " but the decoder writes to " +
+      value_error("outputs", item_name + " is on " + out.device_str() + " but the decoder writes to " +
                                  (gpu ? "cuda:" + std::to_string(device_id) : std::string("cpu")));
-    buffers[i] = out.ptr;
+    job.output = out.ptr;
+    job.row_stride = static_cast<size_t>(out.strides[0]);
   }
   std::vector<decode::TileStatus> status;
   {
     py::gil_scoped_release no_gil;
-    status = self.decode(data, buffers, tile_h, tile_w, spec, cuda_stream);
+    status = self.decode(jobs, tile_h, tile_w, spec, cuda_stream);
   }
   return std::vector<int>(reinterpret_cast<const int*>(status.data()),
                           reinterpret_cast<const int*>(status.data()) + status.size());
@@ -499,13 +526,16 @@ antialiased bilinear resize (torch interpolate(antialias=True, align_corners=Fal
 CPU backend with `threads` single-threaded decoders; gpu=True: device `device_id`, hardware JPEG
 engine first. Raises RuntimeError saying what failed (library, version, instance, decoder).)doc")
       .def("library_version", &decode::NvImageCodecBatch::library_version)
-      .def("decode", &nvimgcodec_decode, py::arg("streams"), py::arg("outputs"), py::kw_only(), py::arg("tile_h"),
-           py::arg("tile_w"), py::arg("colour"), py::arg("cuda_stream") = 0,
-           R"doc(Decode `streams` (list of bytes, complete JPEG / JPEG 2000 streams) into `outputs` (array
-descriptors of [tile_h, tile_w, 3] uint8 contiguous buffers where the decoder writes: host memory
-for the CPU backend, its device otherwise). colour: SRGB, SYCC (stored components, no transform) or
-UNCHANGED. Returns a status per tile: 0 ok, 1 unparsable, 2 wrong size, 3 decode failed. On the GPU
-the decode is ordered on `cuda_stream`. Releases the GIL.)doc");
+      .def("decode", &nvimgcodec_decode, py::arg("streams"), py::arg("outputs"), py::kw_only(),
+           py::arg("regions") = py::none(), py::arg("tile_h"), py::arg("tile_w"), py::arg("colour"),
+           py::arg("cuda_stream") = 0,
+           R"doc(Decode `streams` (list of bytes, complete JPEG / JPEG 2000 streams of tile_w x tile_h images)
+into `outputs` (array descriptors of uint8 RGB buffers where the decoder writes: host memory for the
+CPU backend, its device otherwise). regions: None (whole tiles) or one (x0, y0, x1, y1) or None
+per stream; an output is [y1 - y0, x1 - x0, 3] ([tile_h, tile_w, 3] for a whole tile), packed
+pixels, rows any stride apart. colour: SRGB, SYCC (stored components, no transform) or UNCHANGED.
+Returns a status per tile: 0 ok, 1 unparsable, 2 wrong size, 3 decode failed. On the GPU the
+decode is ordered on `cuda_stream`. Releases the GIL.)doc");
 
   m.def("cuda_compiled", [] {
 #ifdef JWTH_WITH_CUDA

@@ -143,13 +143,93 @@ def test_the_binding_checks_its_arguments(cmu_small):
                                  tile_w=240, colour="SYCC")
         with pytest.raises(ValueError, match="outputs.*has 1 buffers for 2 streams"):
             engine.decode(streams, [np.zeros(shape, np.uint8)], colour="SYCC")
-        with pytest.raises(ValueError, match="outputs.*contiguous"):
+        with pytest.raises(ValueError, match=r"outputs.*packed RGB rows.*got strides \[1440, 6, 1\]"):
             wide = np.zeros((raw.tile_h, raw.tile_w * 2, 3), np.uint8)
             engine.decode(streams, [wide[:, ::2]] * 2, colour="SYCC")
+        tile = np.zeros(shape, np.uint8)
+        with pytest.raises(ValueError, match=r"regions.*item 1 is not \(x0, y0, x1, y1\) inside a 240 x 240 tile"):
+            engine.decode(streams, [tile[:10, :10], tile[:10, :10]], colour="SYCC", tile=(240, 240),
+                          regions=[(0, 0, 10, 10), (0, 0, 10, 241)])
+        with pytest.raises(ValueError, match="regions.*has 1 items for 2 streams"):
+            engine.decode(streams, [tile, tile], colour="SYCC", regions=[None], tile=(240, 240))
+        with pytest.raises(ValueError, match="needs the tile size"):
+            engine.decode(streams, [tile, tile], colour="SYCC", regions=[None, None])
+        with pytest.raises(ValueError, match=r"outputs.*expected shape \[10, 20, 3\] \(the stored tile's region"):
+            engine.decode(streams, [tile, tile[:20, :10]], colour="SYCC", regions=[None, (0, 0, 20, 10)],
+                          tile=(240, 240))
         with pytest.raises(TypeError, match="streams.*item 1 is not bytes"):
             engine.decode([streams[0], bytearray(streams[1])], [np.zeros(shape, np.uint8)] * 2, colour="SYCC")
         with pytest.raises(ValueError, match="colour.*'RGB' is not one of"):
             engine.decode(streams, [np.zeros(shape, np.uint8)] * 2, colour="RGB")
+    finally:
+        engine.close()
+
+
+def _pillow_jpegs(subsampling: int, count: int, rng) -> list[bytes]:
+    """Textured 240 x 240 JPEGs (Pillow; subsampling 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0): chroma that
+    varies from pixel to pixel, so upsampling at a region's edge shows if it differs."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:240, 0:240]
+    out = []
+    for k in range(count):
+        image = np.stack([128 + 100 * np.sin(xx / (3 + k) + k), 128 + 100 * np.cos(yy / (4 + k)),
+                          128 + 60 * np.sin((xx + yy) / 5.0)], -1) + rng.normal(0, 30, (240, 240, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=85,
+                                                                   subsampling=subsampling)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _regions(rng, count: int, size: int) -> list[tuple[int, int, int, int]]:
+    """Random regions of a size x size tile, plus the shapes a grid asks for: strips along each
+    edge, one pixel, one row, one column, the last pixel."""
+    fixed = [(0, 0, size, 17), (0, size - 17, size, size), (0, 0, 17, size), (size - 17, 0, size, size),
+             (5, 7, 6, 8), (0, 100, size, 101), (100, 0, 101, size), (size - 1, size - 1, size, size)]
+    out = []
+    while len(out) < count:
+        x0, x1 = sorted(int(v) for v in rng.integers(0, size + 1, 2))
+        y0, y1 = sorted(int(v) for v in rng.integers(0, size + 1, 2))
+        if x0 < x1 and y0 < y1:
+            out.append((x0, y0, x1, y1))
+    return fixed + out
+
+
+@pytest.mark.parametrize("engine_name", ["c-api", "python-api"])
+def test_regions_equal_the_whole_tiles_decode_and_write_only_their_part(cmu_small, tiffs, engine_name):
+    """A region of a stored tile, decoded into its part of a tile-sized array, equals the whole
+    tile's decode there, bit for bit; nothing outside it is written. JPEG 4:4:4, 4:2:2 and 4:2:0
+    (fancy upsampling reads the neighbours' chroma, so a region's edge is where it could differ),
+    Aperio RGB JPEG (SYCC) and tifffile's YCbCr 4:2:0 tiles; random regions and edge strips."""
+    rng = np.random.default_rng(0)
+    sets = [(f"pillow subsampling {sub}", _pillow_jpegs(sub, 4, rng), "SRGB", (240, 240)) for sub in (0, 1, 2)]
+    raw, streams = _cmu_streams(cmu_small, 8)
+    sets.append(("CMU-1 stored tiles", streams, "SYCC", (raw.tile_h, raw.tile_w)))
+    with open_slide(tiffs[0]) as slide:
+        source = RawTileSource(str(tiffs[0]), slide.info.level_dimensions)
+    ycbcr = source.level(0)
+    sets.append(("tifffile YCbCr 4:2:0", [tile_stream(ycbcr, d) for d in source.read(ycbcr, range(4))], "SRGB",
+                 (ycbcr.tile_h, ycbcr.tile_w)))
+    source.close()
+    engine = make_engine("cpu", 0, 2, engine_name)
+    try:
+        for what, tiles, colour, (h, w) in sets:
+            whole = [np.zeros((h, w, 3), np.uint8) for _ in tiles]
+            assert set(engine.decode(tiles, whole, colour=colour)) == {TileStatus.OK}
+            regions = _regions(rng, 24, min(h, w))
+            jobs = [(k, box) for k in range(len(tiles)) for box in regions]
+            out = [np.full((h, w, 3), 7, np.uint8) for _ in jobs]       # 7: "not written"
+            status = engine.decode([tiles[k] for k, _ in jobs], [o[y0:y1, x0:x1] for o, (_, (x0, y0, x1, y1))
+                                                                 in zip(out, jobs)],
+                                   colour=colour, regions=[box for _, box in jobs], tile=(h, w))
+            assert set(status) == {TileStatus.OK}, what
+            for o, (k, (x0, y0, x1, y1)) in zip(out, jobs):
+                np.testing.assert_array_equal(o[y0:y1, x0:x1], whole[k][y0:y1, x0:x1],
+                                              err_msg=f"{what} tile {k} region {(x0, y0, x1, y1)}")
+                outside = np.ones((h, w), bool)
+                outside[y0:y1, x0:x1] = False
+                assert (o[outside] == 7).all(), f"{what}: region {(x0, y0, x1, y1)} wrote outside itself"
     finally:
         engine.close()
 

@@ -26,8 +26,7 @@ NvImageCodecBatch::NvImageCodecBatch(const std::string&, const std::string&, boo
   throw std::runtime_error("jwth_engine._C was built without the nvImageCodec header");
 }
 NvImageCodecBatch::~NvImageCodecBatch() = default;
-std::vector<TileStatus> NvImageCodecBatch::decode(const std::vector<TileStream>&, const std::vector<uintptr_t>&, int,
-                                                  int, ColourSpec, uintptr_t) {
+std::vector<TileStatus> NvImageCodecBatch::decode(const std::vector<TileJob>&, int, int, ColourSpec, uintptr_t) {
   return {};
 }
 std::string NvImageCodecBatch::library_version() const { return ""; }
@@ -47,7 +46,8 @@ struct Api {
   X(nvimgcodecGetProperties) X(nvimgcodecInstanceCreate) X(nvimgcodecInstanceDestroy)                \
   X(nvimgcodecDecoderCreate) X(nvimgcodecDecoderDestroy) X(nvimgcodecDecoderDecode)                  \
   X(nvimgcodecCodeStreamCreateFromHostMem) X(nvimgcodecCodeStreamDestroy)                            \
-  X(nvimgcodecCodeStreamGetImageInfo) X(nvimgcodecImageCreate) X(nvimgcodecImageDestroy)             \
+  X(nvimgcodecCodeStreamGetImageInfo) X(nvimgcodecCodeStreamGetSubCodeStream)                      \
+  X(nvimgcodecImageCreate) X(nvimgcodecImageDestroy)                                                 \
   X(nvimgcodecFutureWaitForAll) X(nvimgcodecFutureGetProcessingStatus) X(nvimgcodecFutureDestroy)
   JWTH_NVIMGCODEC_FNS(JWTH_NVIMGCODEC_FN)
 #undef JWTH_NVIMGCODEC_FN
@@ -175,29 +175,57 @@ struct NvImageCodecBatch::Impl {
            "." + std::to_string(NVIMGCODEC_PATCH_FROM_SEMVER(v));
   }
 
-  // Decodes tiles [begin, end) with one decoder call; statuses written for each.
-  void decode_range(nvimgcodecDecoder_t decoder, size_t begin, size_t end, const std::vector<TileStream>& streams,
-                    const std::vector<uintptr_t>& outputs, int tile_h, int tile_w, OutputFormat format,
-                    uintptr_t cuda_stream, std::vector<TileStatus>& status) {
-    std::vector<nvimgcodecCodeStream_t> code_streams;
+  // The code stream to decode for `job`: the tile's own, or a view of its region (owned in `views`).
+  // nullptr when the region cannot be set (a failure to decode).
+  nvimgcodecCodeStream_t region_of(nvimgcodecCodeStream_t tile, const TileJob& job, int tile_h, int tile_w,
+                                   std::vector<nvimgcodecCodeStream_t>& views) {
+    if (job.x0 == 0 && job.y0 == 0 && job.x1 == tile_w && job.y1 == tile_h) return tile;
+    auto view = structure<nvimgcodecCodeStreamView_t>(NVIMGCODEC_STRUCTURE_TYPE_CODE_STREAM_VIEW);
+    view.image_idx = 0;
+    view.region = structure<nvimgcodecRegion_t>(NVIMGCODEC_STRUCTURE_TYPE_REGION);
+    view.region.ndim = 2;
+    view.region.start[0] = job.y0;
+    view.region.start[1] = job.x0;
+    view.region.end[0] = job.y1;
+    view.region.end[1] = job.x1;
+    nvimgcodecCodeStream_t sub = nullptr;              // must be null: a non-null handle is reused
+    if (api.nvimgcodecCodeStreamGetSubCodeStream(tile, &sub, &view) != NVIMGCODEC_STATUS_SUCCESS) {
+      if (sub != nullptr) api.nvimgcodecCodeStreamDestroy(sub);
+      return nullptr;
+    }
+    views.push_back(sub);
+    return sub;
+  }
+
+  // Decodes jobs [begin, end) with one decoder call; statuses written for each.
+  void decode_range(nvimgcodecDecoder_t decoder, size_t begin, size_t end, const std::vector<TileJob>& jobs,
+                    int tile_h, int tile_w, OutputFormat format, uintptr_t cuda_stream, std::vector<TileStatus>& status) {
+    std::vector<nvimgcodecCodeStream_t> tiles, views, code_streams;   // destroyed: views first, then tiles
     std::vector<nvimgcodecImage_t> images;
     std::vector<size_t> which;
+    tiles.reserve(end - begin);
     code_streams.reserve(end - begin);
     images.reserve(end - begin);
     for (size_t i = begin; i < end; ++i) {
-      nvimgcodecCodeStream_t code_stream = nullptr;   // must be null: a non-null handle is reused
+      const TileJob& job = jobs[i];
+      nvimgcodecCodeStream_t code_stream = nullptr;   // must be null, as above
       auto info = structure<nvimgcodecImageInfo_t>(NVIMGCODEC_STRUCTURE_TYPE_IMAGE_INFO);
-      if (api.nvimgcodecCodeStreamCreateFromHostMem(instance, &code_stream, streams[i].data, streams[i].size,
-                                                    nullptr) != NVIMGCODEC_STATUS_SUCCESS ||
+      if (api.nvimgcodecCodeStreamCreateFromHostMem(instance, &code_stream, job.data, job.size, nullptr) !=
+              NVIMGCODEC_STATUS_SUCCESS ||
           api.nvimgcodecCodeStreamGetImageInfo(code_stream, &info) != NVIMGCODEC_STATUS_SUCCESS) {
         if (code_stream != nullptr) api.nvimgcodecCodeStreamDestroy(code_stream);
         status[i] = TileStatus::kUnparsable;
         continue;
       }
+      tiles.push_back(code_stream);
       if (info.plane_info[0].width != static_cast<uint32_t>(tile_w) ||
           info.plane_info[0].height != static_cast<uint32_t>(tile_h)) {
-        api.nvimgcodecCodeStreamDestroy(code_stream);
         status[i] = TileStatus::kWrongSize;
+        continue;
+      }
+      nvimgcodecCodeStream_t source = region_of(code_stream, job, tile_h, tile_w, views);
+      if (source == nullptr) {
+        status[i] = TileStatus::kDecodeFailed;
         continue;
       }
       info.color_spec = format.colour;
@@ -205,22 +233,21 @@ struct NvImageCodecBatch::Impl {
       info.chroma_subsampling = NVIMGCODEC_SAMPLING_NONE;
       info.num_planes = 1;
       auto& plane = info.plane_info[0];
-      plane.width = static_cast<uint32_t>(tile_w);
-      plane.height = static_cast<uint32_t>(tile_h);
+      plane.width = static_cast<uint32_t>(job.x1 - job.x0);
+      plane.height = static_cast<uint32_t>(job.y1 - job.y0);
       plane.num_channels = 3;
-      plane.row_stride = static_cast<size_t>(tile_w) * 3;
+      plane.row_stride = job.row_stride;
       plane.sample_type = NVIMGCODEC_SAMPLE_DATA_TYPE_UINT8;
       plane.precision = 0;
-      info.buffer = reinterpret_cast<void*>(outputs[i]);
+      info.buffer = reinterpret_cast<void*>(job.output);
       info.buffer_kind = gpu ? NVIMGCODEC_IMAGE_BUFFER_KIND_STRIDED_DEVICE : NVIMGCODEC_IMAGE_BUFFER_KIND_STRIDED_HOST;
       info.cuda_stream = reinterpret_cast<cudaStream_t>(cuda_stream);
       nvimgcodecImage_t image = nullptr;              // must be null, as above
       if (api.nvimgcodecImageCreate(instance, &image, &info) != NVIMGCODEC_STATUS_SUCCESS) {
-        api.nvimgcodecCodeStreamDestroy(code_stream);
         status[i] = TileStatus::kDecodeFailed;
         continue;
       }
-      code_streams.push_back(code_stream);
+      code_streams.push_back(source);
       images.push_back(image);
       which.push_back(i);
     }
@@ -239,8 +266,9 @@ struct NvImageCodecBatch::Impl {
       for (size_t k = 0; k < which.size(); ++k)
         status[which[k]] = done[k] == NVIMGCODEC_PROCESSING_STATUS_SUCCESS ? TileStatus::kOk : TileStatus::kDecodeFailed;
       for (auto image : images) api.nvimgcodecImageDestroy(image);
-      for (auto code_stream : code_streams) api.nvimgcodecCodeStreamDestroy(code_stream);
     }
+    for (auto view : views) api.nvimgcodecCodeStreamDestroy(view);
+    for (auto tile : tiles) api.nvimgcodecCodeStreamDestroy(tile);
   }
 };
 
@@ -250,20 +278,22 @@ NvImageCodecBatch::NvImageCodecBatch(const std::string& library, const std::stri
 
 NvImageCodecBatch::~NvImageCodecBatch() = default;
 
-std::vector<TileStatus> NvImageCodecBatch::decode(const std::vector<TileStream>& streams,
-                                                  const std::vector<uintptr_t>& outputs, int tile_h, int tile_w,
+std::vector<TileStatus> NvImageCodecBatch::decode(const std::vector<TileJob>& jobs, int tile_h, int tile_w,
                                                   ColourSpec colour, uintptr_t cuda_stream) {
-  if (outputs.size() != streams.size()) throw std::invalid_argument("one output buffer per stream is needed");
   if (tile_h <= 0 || tile_w <= 0) throw std::invalid_argument("tile size must be positive");
+  for (const TileJob& job : jobs)
+    if (job.x0 < 0 || job.y0 < 0 || job.x1 > tile_w || job.y1 > tile_h || job.x0 >= job.x1 || job.y0 >= job.y1 ||
+        job.row_stride < static_cast<size_t>(job.x1 - job.x0) * 3)
+      throw std::invalid_argument("a tile job's region or row stride does not fit the tile");
   std::lock_guard<std::mutex> lock(impl_->busy);
-  const size_t n = streams.size();
+  const size_t n = jobs.size();
   std::vector<TileStatus> status(n, TileStatus::kDecodeFailed);
   const OutputFormat format = output_format(colour);
   auto& decoders = impl_->decoders;
   if (n == 0) return status;
   if (impl_->gpu || decoders.size() == 1 || n < 2 * decoders.size()) {
     // GPU: one call, so nvJPEG batches the whole set.
-    impl_->decode_range(decoders[0], 0, n, streams, outputs, tile_h, tile_w, format, cuda_stream, status);
+    impl_->decode_range(decoders[0], 0, n, jobs, tile_h, tile_w, format, cuda_stream, status);
     return status;
   }
   // CPU: each thread claims a few tiles at a time as it frees up. A tile's decode time varies
@@ -277,8 +307,8 @@ std::vector<TileStatus> NvImageCodecBatch::decode(const std::vector<TileStream>&
   auto work = [&](nvimgcodecDecoder_t decoder) {
     try {
       for (size_t begin; (begin = next.fetch_add(claim)) < n;)
-        impl_->decode_range(decoder, begin, std::min(n, begin + claim), streams, outputs, tile_h, tile_w, format,
-                            cuda_stream, status);
+        impl_->decode_range(decoder, begin, std::min(n, begin + claim), jobs, tile_h, tile_w, format, cuda_stream,
+                            status);
     } catch (...) {
       std::lock_guard<std::mutex> g(failure_lock);
       if (!failure) failure = std::current_exception();

@@ -11,10 +11,14 @@
 // wheel (cu12 or cu13), so `_C` imports and its kernels work without nvImageCodec; the header this
 // is compiled against fixes the ABI, and the library's major.minor must match it.
 //
-// Output: tile i is written to outputs[i], an interleaved [tile_h, tile_w, 3] uint8 buffer (row
-// stride tile_w * 3) in host memory (CPU backend) or device memory (GPU backends). On the GPU the
-// decode is ordered after, and its result visible to, work on `cuda_stream` (nvImageCodec syncs its
-// own streams with it before and after decoding).
+// Output: tile i's region [y0, y1) x [x0, x1) (the whole tile, or the part the model tiles need) is
+// written to its job's buffer, interleaved uint8 RGB rows `row_stride` bytes apart, in host memory
+// (CPU backend) or device memory (GPU backends). A region is decoded through nvImageCodec's code
+// stream views: its libjpeg-turbo extension (extensions/libjpeg_turbo/jpeg_mem.cpp) crops columns
+// to whole MCUs, skips the rows above the region (entropy-decoded, not reconstructed) and stops
+// after its last row. On the GPU
+// the decode is ordered after, and its result visible to, work on `cuda_stream` (nvImageCodec syncs
+// its own streams with it before and after decoding).
 #pragma once
 
 #include <cstddef>
@@ -36,9 +40,13 @@ enum class TileStatus : int {
 // The output colour, as nvImageCodec's Python `ColorSpec` names it.
 enum class ColourSpec : int { kSRGB = 0, kSYCC = 1, kUnchanged = 2 };
 
-struct TileStream {
+// One stored tile to decode: its complete code stream, the region wanted and where it goes.
+struct TileJob {
   const uint8_t* data;
   size_t size;
+  int x0, y0, x1, y1;     // half-open, in the tile's pixels; the whole tile is 0, 0, tile_w, tile_h
+  uintptr_t output;       // (y1 - y0) rows of (x1 - x0) RGB pixels
+  size_t row_stride;      // bytes from one output row to the next (>= 3 * (x1 - x0))
 };
 
 class NvImageCodecBatch {
@@ -53,9 +61,10 @@ class NvImageCodecBatch {
   NvImageCodecBatch(const NvImageCodecBatch&) = delete;
   NvImageCodecBatch& operator=(const NvImageCodecBatch&) = delete;
 
-  // One status per tile. Not re-entrant: one caller at a time (the Python side holds it alone).
-  std::vector<TileStatus> decode(const std::vector<TileStream>& streams, const std::vector<uintptr_t>& outputs,
-                                 int tile_h, int tile_w, ColourSpec colour, uintptr_t cuda_stream);
+  // One status per job; every stream must hold a tile_w x tile_h image (else kWrongSize). Not
+  // re-entrant: one caller at a time (the Python side holds it alone).
+  std::vector<TileStatus> decode(const std::vector<TileJob>& jobs, int tile_h, int tile_w, ColourSpec colour,
+                                 uintptr_t cuda_stream);
 
   // "major.minor.patch" of the library that was opened.
   std::string library_version() const;

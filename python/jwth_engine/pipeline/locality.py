@@ -22,7 +22,11 @@ for row-major reads, then avoids repeated decodes).
 Raw-tile mode ("raw-tiles", `--decode gpu|cpu`): the units are exactly the level's stored tiles and
 come from a slide.nvimgcodec_decoder.TileDecoder (compressed bytes batch-decoded by nvImageCodec)
 instead of `read_regions`. On the GPU the units are device tensors and `out` is a device buffer:
-the same slicing cuts model tiles on the device.
+the same slicing cuts model tiles on the device. Where the decoder decodes regions (JPEG on the
+CPU), each stored tile is decoded only over the bounding box of what the whole grid's model tiles
+need of it (the box is planned once, for the grid, so a tile shared by model tiles of two batches
+is still decoded once): at the edges of the tissue a model tile often needs a strip of a stored
+tile, not all of it.
 """
 
 from __future__ import annotations
@@ -95,8 +99,9 @@ def plan_reads(info, level: int, read_size: int, locality: str = "auto") -> Read
 
 @dataclass
 class ReadCounters:
-    """What a pass decoded. `decoded_px` counts whole decode units (what the codec decodes);
-    `needed_px` the pixels of the model tiles that lie inside the level."""
+    """What a pass decoded. `decoded_px` counts the pixels the codec was asked for: whole decode
+    units, or their needed boxes where the raw decoder decodes regions; `needed_px` the pixels of
+    the model tiles that lie inside the level."""
 
     tiles: int = 0
     regions: int = 0                # read_region(s) locations requested
@@ -145,6 +150,7 @@ class GridReader:
         inside_w = np.clip(np.minimum(self._xl + r, self._width) - np.maximum(self._xl, 0), 0, None)
         inside_h = np.clip(np.minimum(self._yl + r, self._height) - np.maximum(self._yl, 0), 0, None)
         self._needed = inside_w * inside_h
+        self._boxes = None          # [units, 4] needed box (x0, y0, x1, y1) per unit, where regions are decoded
         if self.plan.mode in ("stored-tiles", "raw-tiles"):
             self._prepare_units()
         self._units: dict[int, np.ndarray] = {}
@@ -162,16 +168,32 @@ class GridReader:
         self._c0, self._c1 = unit_span(self._xl, r, self._width, uw, self._ucols)
         self._r0, self._r1 = unit_span(self._yl, r, self._height, uh, self._urows)
         # Index of the last tile that needs each unit: a unit is dropped right after that tile.
-        last_use = np.full(self._ucols * self._urows, -1, np.int64)
+        units = self._ucols * self._urows
+        last_use = np.full(units, -1, np.int64)
+        regions = self._decoder is not None and self._decoder.decodes_regions
+        if regions:     # the needed box's corners, in the unit's pixels, grown tile by tile
+            lo = np.full((units, 2), [uw, uh], np.int64)
+            hi = np.zeros((units, 2), np.int64)
         index = np.arange(len(self._xl), dtype=np.int64)
         span_x = int(max(0, (self._c1 - self._c0).max(initial=-1) + 1))
         span_y = int(max(0, (self._r1 - self._r0).max(initial=-1) + 1))
         for dy in range(span_y):
             for dx in range(span_x):
                 ok = (self._r0 + dy <= self._r1) & (self._c0 + dx <= self._c1)
-                ids = (self._r0 + dy) * self._ucols + self._c0 + dx
-                np.maximum.at(last_use, ids[ok], index[ok])
+                col, row = self._c0[ok] + dx, self._r0[ok] + dy
+                ids = row * self._ucols + col
+                np.maximum.at(last_use, ids, index[ok])
+                if regions:
+                    # The tile's window inside this unit and inside the level (the part outside
+                    # the level is painted white, not decoded).
+                    x, y = self._xl[ok] - col * uw, self._yl[ok] - row * uh
+                    width, height = self._width - col * uw, self._height - row * uh
+                    np.minimum.at(lo, ids, np.stack([np.maximum(x, 0), np.maximum(y, 0)], 1))
+                    np.maximum.at(hi, ids, np.stack([np.minimum(np.minimum(x + r, uw), width),
+                                                     np.minimum(np.minimum(y + r, uh), height)], 1))
         self._last_use = last_use
+        if regions:
+            self._boxes = np.concatenate([lo, hi], 1)
 
     def _tile_units(self, i: int) -> list[int]:
         return [row * self._ucols + col
@@ -226,10 +248,12 @@ class GridReader:
         wanted = sorted(uid for uid in used if uid not in self._units)
         if wanted and self._decoder is not None:
             # Unit ids are the level's tile indices (row-major over the same grid).
-            for uid, unit in zip(wanted, self._decoder.decode(wanted)):
+            boxes = self._boxes[wanted] if self._boxes is not None else None
+            for uid, unit in zip(wanted, self._decoder.decode(wanted, boxes)):
                 self._units[uid] = unit
             self.counters.regions += len(wanted)
-            self.counters.decoded_px += len(wanted) * uw * uh
+            self.counters.decoded_px += (len(wanted) * uw * uh if boxes is None else
+                                         int(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sum()))
         elif wanted:
             locs = [(level_to_level0((uid % self._ucols) * uw, self._ds),
                      level_to_level0((uid // self._ucols) * uh, self._ds)) for uid in wanted]

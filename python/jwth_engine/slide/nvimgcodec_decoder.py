@@ -9,6 +9,14 @@ torch tensor that torch allocated on the decoder's device and the decoder wrote,
 caller's CUDA stream (the decode is issued on it). Either way one tile is [tile_h, tile_w, 3] uint8
 RGB with the part outside the level painted white, as `Slide.read_region` pads.
 
+Regions (`decode(indices, regions)`, JPEG on the CPU backend): of a stored tile only the part the
+model tiles need is decoded, into that part of the tile's array (nvImageCodec's code stream views:
+its libjpeg-turbo extension crops columns to whole MCUs, entropy-decodes but does not reconstruct
+the rows above the region and stops after its last row). The rest of that array is left
+undefined: the grid reader never reads it. Equal to the whole tile's decode over the region
+(tests/test_nvimgcodec_engines.py: random regions and edge strips of 4:4:4, 4:2:2 and 4:2:0 tiles,
+both engines). Not on the GPU: region decode there has not been run or measured.
+
 Colour, decided by the TIFF directory and not by markers inside the stream:
 * JPEG, photometric RGB (Aperio): the stream's three components are R, G, B, but a JPEG decoder
   would treat them as YCbCr. Asking nvImageCodec for SYCC output returns the components as
@@ -84,6 +92,8 @@ class TileDecoder:
             self.device, device_id = cuda_device(device)
         self._engine = make_engine(backend, device_id, num_threads, engine)
         self.colour_spec = colour_spec or colour_specs(raw)[0]
+        # Regions: see the module docstring (JPEG 2000 through OpenCV decodes the whole tile anyway).
+        self.decodes_regions = backend == "cpu" and raw.codec == "jpeg"
         self.tiles_decoded = 0
 
     @property
@@ -100,13 +110,18 @@ class TileDecoder:
         """Why that engine, when "auto" could not have the C API (else "")."""
         return self._engine.why
 
-    def decode(self, indices) -> list:
-        """Tiles `indices` of the level, in that order. Raises SlideError naming a bad tile."""
+    def decode(self, indices, regions=None) -> list:
+        """Tiles `indices` of the level, in that order. Raises SlideError naming a bad tile.
+
+        `regions`: None, or per tile (x0, y0, x1, y1) in its pixels (or None: all of it). Where
+        `decodes_regions`, only that part of the tile's array is decoded (the rest is undefined);
+        elsewhere regions are ignored and whole tiles decoded."""
         raw = self.raw
         indices = [int(i) for i in indices]
         datas = self.source.read(raw, indices)
-        streams, where = [], []
+        streams, where, boxes = [], [], []
         out: list = [None] * len(indices)
+        whole = (0, 0, raw.tile_w, raw.tile_h)
         for k, (index, data) in enumerate(zip(indices, datas)):
             if not data:
                 out[k] = self._white()     # not stored (sparse slide): background
@@ -115,10 +130,13 @@ class TileDecoder:
                 raise self._tile_error(index, "is truncated (its data has no end-of-image marker)")
             streams.append(tile_stream(raw, data))
             where.append(k)
+            box = regions[k] if regions is not None and self.decodes_regions else None
+            boxes.append(tuple(int(v) for v in box) if box is not None else whole)
         if streams:
             with self._on_stream():
                 tiles = [self._empty() for _ in streams]
-                statuses = self._run(streams, tiles)
+                statuses = self._run(streams, [tile[y0:y1, x0:x1] for tile, (x0, y0, x1, y1) in zip(tiles, boxes)],
+                                     [None if box == whole else box for box in boxes])
                 for k, tile, status in zip(where, tiles, statuses):
                     if status != TileStatus.OK:
                         raise self._tile_error(indices[k], self._problem(status))
@@ -126,14 +144,15 @@ class TileDecoder:
         self.tiles_decoded += len(streams)
         return out
 
-    def _run(self, streams: list[bytes], tiles: list) -> list[int]:
+    def _run(self, streams: list[bytes], outputs: list, regions: list) -> list[int]:
         cuda_stream = 0
         if self.backend == "gpu":
             import torch
 
             cuda_stream = (self.stream or torch.cuda.current_stream(self.device)).cuda_stream
         try:
-            return self._engine.decode(streams, tiles, colour=self.colour_spec, cuda_stream=cuda_stream)
+            return self._engine.decode(streams, outputs, colour=self.colour_spec, cuda_stream=cuda_stream,
+                                       regions=regions, tile=(self.raw.tile_h, self.raw.tile_w))
         except (RuntimeError, ValueError) as exc:
             raise SlideError(self.source.path, f"nvImageCodec failed on a batch of {len(streams)} stored tiles "
                                                f"of level {self.raw.level}: {exc}") from exc

@@ -3,7 +3,8 @@
 Both decode a batch of complete code streams (JPEG or JPEG 2000) into caller-allocated
 [tile_h, tile_w, 3] uint8 buffers (numpy arrays on the CPU backend, torch tensors on the decoder's
 GPU) and return one `TileStatus` per stream; the tile decoder (nvimgcodec_decoder.py) turns a
-failure into a line naming the tile.
+failure into a line naming the tile. With `regions`, only part of a tile is decoded (nvImageCodec's
+code stream views), into an output of that part's size: a view into a whole tile's array.
 
 * `CApiEngine` (the default): csrc/decode/nvimgcodec_batch.cpp. One GIL release per batch; on the
   CPU its `threads` single-threaded decoders take tiles a few at a time as they free up; on the
@@ -203,6 +204,15 @@ def make_engine(backend: str, device_id: int, threads: int, engine: str = "auto"
     return fallback
 
 
+def _tile_size(tile, outputs: list, regions) -> tuple[int, int]:
+    """The streams' (height, width): `tile`, else (whole tiles only) the outputs' shape."""
+    if tile is not None:
+        return int(tile[0]), int(tile[1])
+    if regions is not None:
+        raise ValueError("decoding regions needs the tile size (tile=(height, width))")
+    return int(outputs[0].shape[0]), int(outputs[0].shape[1])
+
+
 class CApiEngine:
     """nvImageCodec's C API through jwth_engine._C (module docstring)."""
 
@@ -214,12 +224,15 @@ class CApiEngine:
         self._key = DecoderKey(backend, device_id, max(1, threads) if backend == "cpu" else max(0, threads))
         self._batch = BATCH_DECODERS.acquire(self._key)
 
-    def decode(self, streams: list[bytes], outputs: list, *, colour: str, cuda_stream: int = 0) -> list[int]:
+    def decode(self, streams: list[bytes], outputs: list, *, colour: str, cuda_stream: int = 0, regions=None,
+               tile: tuple[int, int] | None = None) -> list[int]:
+        """`regions`: None, or per stream None (the whole tile) or (x0, y0, x1, y1); `tile`: the
+        streams' (height, width), needed with regions (else the outputs' shape)."""
         from .._native import array_arg
 
-        tile_h, tile_w = int(outputs[0].shape[0]), int(outputs[0].shape[1])
-        return self._batch.decode(streams, [array_arg(out) for out in outputs], tile_h=tile_h, tile_w=tile_w,
-                                  colour=colour, cuda_stream=cuda_stream)
+        tile_h, tile_w = _tile_size(tile, outputs, regions)
+        return self._batch.decode(streams, [array_arg(out) for out in outputs], regions=regions, tile_h=tile_h,
+                                  tile_w=tile_w, colour=colour, cuda_stream=cuda_stream)
 
     def close(self) -> None:
         batch, self._batch = self._batch, None
@@ -243,15 +256,37 @@ class PythonApiEngine:
         self._threads = ThreadPoolExecutor(parts, thread_name_prefix="jwth-nvimgcodec") if parts > 1 else None
         self._n = import_nvimgcodec()
 
-    def decode(self, streams: list[bytes], outputs: list, *, colour: str, cuda_stream: int = 0) -> list[int]:
+    def decode(self, streams: list[bytes], outputs: list, *, colour: str, cuda_stream: int = 0, regions=None,
+               tile: tuple[int, int] | None = None) -> list[int]:
+        """As CApiEngine.decode."""
         n, params = self._n, self._n.DecodeParams(color_spec=getattr(self._n.ColorSpec, colour),
                                                   apply_exif_orientation=False)
+        tile = _tile_size(tile, outputs, regions)
         status = [int(TileStatus.DECODE_FAILED)] * len(streams)
 
+        def code_stream(k: int):
+            """The code stream to decode for stream k (its region's view), or None with status[k] set."""
+            try:
+                stream = n.CodeStream(streams[k])
+                size = (stream.height, stream.width)
+            except RuntimeError:                    # nvImageCodec cannot read its image info
+                status[k] = int(TileStatus.UNPARSABLE)
+                return None
+            if size != tuple(tile):
+                status[k] = int(TileStatus.WRONG_SIZE)
+                return None
+            box = regions[k] if regions is not None else None
+            if box is not None:
+                x0, y0, x1, y1 = box
+                stream = stream.get_sub_code_stream(region=n.Region(y0, x0, y1, x1))
+            return stream
+
         def run(decoder, begin: int, end: int) -> None:
-            images = decoder.decode([n.CodeStream(s) for s in streams[begin:end]], params=params,
-                                    cuda_stream=cuda_stream)
-            for k, image in zip(range(begin, end), images):
+            todo = [(k, stream) for k in range(begin, end) if (stream := code_stream(k)) is not None]
+            if not todo:
+                return
+            images = decoder.decode([stream for _, stream in todo], params=params, cuda_stream=cuda_stream)
+            for (k, _), image in zip(todo, images):
                 if image is not None:
                     status[k] = self._copy(image, outputs[k])
 
