@@ -10,13 +10,17 @@ the grid as many times as takes cuCIM about 2 s (`rounds_per_pass`), enough work
 noise of a shared machine:
 
   raw_cpu             stored tiles' bytes read from the file, batch-decoded by nvImageCodec's CPU
-                      backend through its C API (jwth_engine._C; the default engine)
-  raw_cpu_python_api  the same through nvImageCodec's Python API (the engine the C API replaced)
+                      backend through its C API (jwth_engine._C; the default engine); JPEG tiles
+                      only over the part the grid's model tiles need (pipeline/locality.py)
+  raw_cpu_whole_tiles the same, every stored tile decoded whole (what raw_cpu did before regions)
+  raw_cpu_python_api  raw_cpu through nvImageCodec's Python API (the engine the C API replaced)
   cucim               the same stored tiles decoded by cuCIM's multi-threaded batch read_region
+                      (whole: cuCIM decodes a stored tile whole whatever part a read asks for)
 
 All use `--workers` decode threads and decode each stored tile once per pass (cuCIM's decoded-tile
 cache is off). Reported: tiles/s as the median of N passes with min and max, the medians of the
-per-pass ratios raw/cucim, Python API/cucim and C API/Python API, and decoded / needed pixels.
+per-pass ratios raw/cucim, Python API/cucim, C API/Python API and raw/whole tiles, and decoded /
+needed pixels.
 With `--gpu` (and a GPU), the raw path on nvImageCodec's GPU backend (tiles cut on the device,
 synchronised per pass) and cuCIM's `read_region(device="cuda")` of the same stored-tile units are
 timed too; without a GPU that part is recorded as skipped.
@@ -197,15 +201,19 @@ def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu
         grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=0.5, tile_size=224, tissue=tissue, min_tissue=0.25)
         n = len(grid.coords)
         log(f"{Path(path).name}: {n} tiles, level {grid.level}, read size {grid.read_size}")
-        # raw_cpu: the default engine (nvImageCodec's C API through _C); raw_cpu_python_api: its
+        # raw_cpu: the default engine (nvImageCodec's C API through _C); raw_cpu_whole_tiles: it
+        # without regions; raw_cpu_python_api: its
         # Python API, the engine the C API replaced, read in the same interleaved passes.
         choices = {name: choose_decoder(slide, grid.level, DecodeRequest("cpu", "benchmark"), num_threads=workers,
                                         engine=engine)
-                   for name, engine in (("raw_cpu", "c-api"), ("raw_cpu_python_api", "python-api"))
+                   for name, engine in (("raw_cpu", "c-api"), ("raw_cpu_whole_tiles", "c-api"),
+                                        ("raw_cpu_python_api", "python-api"))
                    if engine_ab or name == "raw_cpu"}
         for choice in choices.values():
             if choice.decoder is None:
                 raise SystemExit(f"{path}: raw path unavailable: {choice.note}")
+        if "raw_cpu_whole_tiles" in choices:
+            choices["raw_cpu_whole_tiles"].decoder.decodes_regions = False
         raw = choices["raw_cpu"]
         arms = {**choices, "cucim": None}
         rates = {name: [] for name in arms}
@@ -237,6 +245,7 @@ def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu
         if engine_ab:
             result["python_api_over_cucim"] = ratio("raw_cpu_python_api", "cucim")
             result["c_api_over_python_api"] = ratio("raw_cpu", "raw_cpu_python_api")
+            result["regions_over_whole_tiles"] = ratio("raw_cpu", "raw_cpu_whole_tiles")
             result["beside_busy_python"] = bench_beside_busy_python(slide, grid, repeats=repeats)
             log(f"  one decoder beside a busy Python thread: {busy_line(result['beside_busy_python'])}")
         else:
@@ -427,8 +436,8 @@ def main() -> None:
     parser.add_argument("--no-region-blocks", action="store_true",
                         help="skip the region path's block reads (the GPU check script's time budget)")
     parser.add_argument("--no-engine-ab", action="store_true",
-                        help="skip the Python API engine's passes and the busy-thread comparison (CPU-side "
-                             "questions; the GPU check script's time budget)")
+                        help="skip the Python API engine's and the whole-tile passes and the busy-thread "
+                             "comparison (CPU-side questions; the GPU check script's time budget)")
     add_dry_run(parser)
     args = parser.parse_args()
     dry_run_exit(args)
@@ -449,7 +458,8 @@ def main() -> None:
                                        regions=not args.no_region_blocks, engine_ab=not args.no_engine_ab, log=log))
             r = results[-1]
             ab = (f", Python API {r['tiles_per_s']['raw_cpu_python_api']['median']} tiles/s, C API / Python API "
-                  f"{r['c_api_over_python_api']['median']}" if "c_api_over_python_api" in r else "")
+                  f"{r['c_api_over_python_api']['median']}, regions / whole tiles "
+                  f"{r['regions_over_whole_tiles']['median']}" if "c_api_over_python_api" in r else "")
             log(f"  raw_cpu {r['tiles_per_s']['raw_cpu']['median']} tiles/s, cucim {r['tiles_per_s']['cucim']['median']} "
                 f"tiles/s, raw/cucim {r['raw_over_cucim']['median']}{ab}")
     ratios = [r["raw_over_cucim"]["median"] for r in results]
@@ -468,10 +478,9 @@ def main() -> None:
             "raw_cpu_at_least_cucim": {"values": ratios, "goal": ">= 1.0 on every slide (median of per-pass ratios)",
                                        "met": all(r >= 1.0 for r in ratios)},
             "decoded_to_needed_px": {"values": [r["decoded_to_needed_px"] for r in results],
-                                     "goal": "raw path decodes no more than the reader path (<= 1.15 where tile "
-                                             "geometry allows)",
-                                     "met": all(r["decoded_to_needed_px"]["raw_cpu"]
-                                                <= r["decoded_to_needed_px"]["cucim"] for r in results)},
+                                     "goal": "raw path <= 1.15 on every slide (the issue's figure); JPEG tiles are "
+                                             "decoded over the part the grid needs, JPEG 2000 tiles whole",
+                                     "met": all(r["decoded_to_needed_px"]["raw_cpu"] <= 1.15 for r in results)},
             "region_blocks_raw_cpu_at_least_cucim": {
                 "values": [r["region_blocks"].get("raw_over_cucim", {}).get("median") for r in results],
                 "goal": ">= 1.0 on every slide (ours: the region path's default decoder should not be the slower)",

@@ -184,13 +184,10 @@ class GridReader:
                 ids = row * self._ucols + col
                 np.maximum.at(last_use, ids, index[ok])
                 if regions:
-                    # The tile's window inside this unit and inside the level (the part outside
-                    # the level is painted white, not decoded).
-                    x, y = self._xl[ok] - col * uw, self._yl[ok] - row * uh
-                    width, height = self._width - col * uw, self._height - row * uh
-                    np.minimum.at(lo, ids, np.stack([np.maximum(x, 0), np.maximum(y, 0)], 1))
-                    np.maximum.at(hi, ids, np.stack([np.minimum(np.minimum(x + r, uw), width),
-                                                     np.minimum(np.minimum(y + r, uh), height)], 1))
+                    x0, y0, x1, y1 = window_in_unit(self._xl[ok], self._yl[ok], r, col, row, (uw, uh),
+                                                    (self._width, self._height))
+                    np.minimum.at(lo, ids, np.stack([x0, y0], 1))
+                    np.maximum.at(hi, ids, np.stack([x1, y1], 1))
         self._last_use = last_use
         if regions:
             self._boxes = np.concatenate([lo, hi], 1)
@@ -291,6 +288,16 @@ def unit_span(lo, size: int, limit: int, unit: int, count: int):
     last = np.minimum(lo + size, limit) - 1
     last = np.where(last >= np.maximum(lo, 0), last // unit, first - 1)  # empty when nothing inside
     return first, np.minimum(last, count - 1)
+
+
+def window_in_unit(x, y, size: int, col, row, unit: tuple[int, int], level: tuple[int, int]):
+    """(x0, y0, x1, y1): the part of unit (col, row), in its own pixels, that the size x size window
+    at level pixel (x, y) covers inside the level (the part outside the level is painted white, not
+    decoded). Ints or numpy arrays alike; empty (x1 <= x0 or y1 <= y0) where they do not meet."""
+    uw, uh = unit
+    ox, oy = x - col * uw, y - row * uh
+    return (np.maximum(ox, 0), np.maximum(oy, 0), np.minimum(np.minimum(ox + size, uw), level[0] - col * uw),
+            np.minimum(np.minimum(oy + size, uh), level[1] - row * uh))
 
 
 def paste_units(dest, x0: int, y0: int, units, unit: tuple[int, int], cols: int, rows: int,

@@ -31,7 +31,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..pipeline.locality import paste_units, unit_span
+from ..pipeline.locality import paste_units, unit_span, window_in_unit
 from ..slide.base import level_to_level0
 
 
@@ -41,14 +41,16 @@ class SharedTiles:
 
     def __init__(self):
         self._uses: Counter = Counter()     # tile id -> blocks still to read it
+        self.boxes: dict = {}               # tile id -> (x0, y0, x1, y1) the expected blocks need of it
         self._tiles: dict = {}              # decoded, kept for a later block
         self._pending: dict = {}            # tile id -> Event of the thread decoding it
         self._lock = threading.Lock()
         self.held_max = 0
 
-    def expect(self, uses: Counter) -> None:
+    def expect(self, uses: Counter, boxes: dict) -> None:
         with self._lock:
             self._uses = Counter(uses)
+            self.boxes = dict(boxes)
             self._tiles.clear()
 
     def get(self, ids: list[int], decode) -> dict:
@@ -137,13 +139,31 @@ class BlockSource:
 
     def expect(self, plan) -> None:
         """Count, per raw-decoded level, how many of `plan`'s region blocks need each stored tile
-        (once per pass over the plan: a tile read more often than counted is decoded again)."""
+        (once per pass over the plan: a tile read more often than counted is decoded again), and
+        the bounding box of what they need of it: where the decoder decodes regions (JPEG on the
+        CPU) only that is decoded, as the grid reader does (pipeline/locality.py)."""
         for level, shared in self._shared.items():
-            raw = self._choices[level].decoder.raw
+            decoder = self._choices[level].decoder
+            raw = decoder.raw
             uses: Counter = Counter()
+            boxes: dict = {}
             for index in range(len(plan)):
-                uses.update(self._tile_ids(raw, *plan.block_window(index, level))[0])
-            shared.expect(uses)
+                lx, ly, size = plan.block_window(index, level)
+                ids = self._tile_ids(raw, lx, ly, size)[0]
+                uses.update(ids)
+                if decoder.decodes_regions:
+                    for i in ids:
+                        need = self._need(raw, lx, ly, size, i)
+                        box = boxes.get(i)
+                        boxes[i] = need if box is None else (*map(min, box[:2], need[:2]), *map(max, box[2:], need[2:]))
+            shared.expect(uses, boxes)
+
+    @staticmethod
+    def _need(raw, lx: int, ly: int, size: int, tile_id: int) -> tuple[int, int, int, int]:
+        """What the window at (lx, ly) needs of stored tile `tile_id` (its pixels, inside the level)."""
+        col, row = raw.position(tile_id)
+        return tuple(int(v) for v in window_in_unit(lx, ly, size, col, row, (raw.tile_w, raw.tile_h),
+                                                    (raw.width, raw.height)))
 
     @staticmethod
     def _tile_ids(raw, lx: int, ly: int, size: int):
@@ -182,7 +202,12 @@ class BlockSource:
         raw = decoder.raw
         ids, cols, rows = self._tile_ids(raw, lx, ly, size)
         shared = self._shared[level]
-        units = shared.get(ids, decoder.decode)
+        units = shared.get(ids, lambda todo: decoder.decode(todo, [shared.boxes.get(i) for i in todo]))
+        for i in ids:
+            # A window the expected plan did not include (or no plan): its tiles decoded whole.
+            box = shared.boxes.get(i)
+            if box is not None and not _inside(self._need(raw, lx, ly, size, i), box):
+                units[i] = decoder.decode([i])[0]
         if decoder.backend == "gpu":
             import torch
 
@@ -233,6 +258,10 @@ class BlockSource:
         for choice in self._choices.values():
             if choice.decoder is not None:
                 choice.decoder.close()
+
+
+def _inside(need: tuple, box: tuple) -> bool:
+    return box[0] <= need[0] and box[1] <= need[1] and need[2] <= box[2] and need[3] <= box[3]
 
 
 def _reader_choice(slide, request):
