@@ -66,7 +66,8 @@ def describe() -> dict[str, Any]:
     }
 
 
-_DTYPE_NAMES: dict[Any, str] = {}
+_DTYPE_NAMES: dict[Any, str] = {}          # torch dtypes
+_NUMPY_DTYPE_NAMES: dict[Any, str] = {}    # numpy dtypes (kept apart: the two types compare oddly)
 
 
 def _dtype_name(dtype) -> str:
@@ -85,7 +86,11 @@ def array_arg(t) -> tuple:
     each kernel needs; the array must stay alive for the duration of the call.
     """
     if isinstance(t, np.ndarray):
-        return (t.ctypes.data, t.shape, tuple(s // t.itemsize for s in t.strides), t.dtype.name, "cpu", 0)
+        # The numpy array interface and a cached dtype name: array_arg runs once per decoded tile,
+        # and `ctypes.data` / `dtype.name` cost several µs each.
+        itemsize, dtype = t.itemsize, t.dtype
+        name = _NUMPY_DTYPE_NAMES.get(dtype) or _NUMPY_DTYPE_NAMES.setdefault(dtype, dtype.name)
+        return (t.__array_interface__["data"][0], t.shape, tuple(s // itemsize for s in t.strides), name, "cpu", 0)
     device = t.device
     return (t.data_ptr(), tuple(t.shape), t.stride(), _dtype_name(t.dtype), device.type,
             device.index if device.index is not None else 0)
