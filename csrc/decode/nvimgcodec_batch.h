@@ -4,8 +4,8 @@
 // Why not the Python API: its decode loop releases and re-takes the GIL around every tile's
 // image-info query and buffer allocation. Beside any thread that runs Python (the pipeline's main
 // thread, the reader cutting model tiles) each re-take can wait up to the interpreter's switch
-// interval (5 ms): beside a busy Python thread one decoder kept 0.08-0.09 of its speed through the
-// Python API on JPEG, 0.55-0.56 through this path (one re-take per 40-tile call; bench_decode.py).
+// interval (5 ms): beside a busy Python thread one decoder kept 0.06-0.08 of its speed through the
+// Python API on JPEG, 0.51-0.54 through this path (one re-take per 40-tile call; bench_decode.py).
 //
 // libnvimgcodec is opened at run time (dlopen) from the path the Python side finds in the installed
 // wheel (cu12 or cu13), so `_C` imports and its kernels work without nvImageCodec; the header this
