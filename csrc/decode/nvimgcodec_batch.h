@@ -8,17 +8,17 @@
 // Python API on JPEG, 0.51-0.54 through this path (one re-take per 40-tile call; bench_decode.py).
 //
 // libnvimgcodec is opened at run time (dlopen) from the path the Python side finds in the installed
-// wheel (cu12 or cu13), so `_C` imports and its kernels work without nvImageCodec; the header this
+// wheel (only the cu13 wheel has been tried), so `_C` imports and its kernels work without nvImageCodec; the header this
 // is compiled against fixes the ABI, and the library's major.minor must match it.
 //
 // Output: tile i's region [y0, y1) x [x0, x1) (the whole tile, or the part the model tiles need) is
 // written to its job's buffer, interleaved uint8 RGB rows `row_stride` bytes apart, in host memory
 // (CPU backend) or device memory (GPU backends). A region is decoded through nvImageCodec's code
-// stream views: its libjpeg-turbo extension (extensions/libjpeg_turbo/jpeg_mem.cpp) crops columns
-// to whole MCUs, skips the rows above the region (entropy-decoded, not reconstructed) and stops
-// after its last row. On the GPU
-// the decode is ordered after, and its result visible to, work on `cuda_stream` (nvImageCodec syncs
-// its own streams with it before and after decoding).
+// stream views: its libjpeg-turbo extension (extensions/libjpeg_turbo/jpeg_mem.cpp in its repository) calls
+// jpeg_crop_scanline for the columns (one pixel wider on each side, widened to whole MCUs) and
+// jpeg_skip_scanlines for the rows above and below the region. On the GPU the decode is meant to be
+// ordered after, and its result visible to, work on `cuda_stream` (the image info's "CUDA stream to
+// synchronize with" in nvimgcodec.h; never run here: no GPU).
 #pragma once
 
 #include <cstddef>

@@ -246,7 +246,7 @@ class GridReader:
         if wanted and self._decoder is not None:
             # Unit ids are the level's tile indices (row-major over the same grid).
             boxes = self._boxes[wanted] if self._boxes is not None else None
-            for uid, unit in zip(wanted, self._decoder.decode(wanted, boxes)):
+            for uid, unit in zip(wanted, self._decoder.decode(wanted, None if boxes is None else boxes.tolist())):
                 self._units[uid] = unit
             self.counters.regions += len(wanted)
             self.counters.decoded_px += (len(wanted) * uw * uh if boxes is None else

@@ -11,8 +11,9 @@ RGB with the part outside the level painted white, as `Slide.read_region` pads.
 
 Regions (`decode(indices, regions)`, JPEG on the CPU backend): of a stored tile only the part the
 model tiles need is decoded, into that part of the tile's array (nvImageCodec's code stream views:
-its libjpeg-turbo extension crops columns to whole MCUs, entropy-decodes but does not reconstruct
-the rows above the region and stops after its last row). The rest of that array is left
+its libjpeg-turbo extension, extensions/libjpeg_turbo/jpeg_mem.cpp in its repository, calls jpeg_crop_scanline for
+the columns, one pixel wider on each side and widened to whole MCUs, and jpeg_skip_scanlines for
+the rows above and below the region). The rest of that array is left
 undefined: the grid reader never reads it. Equal to the whole tile's decode over the region
 (tests/test_nvimgcodec_engines.py: random regions and edge strips of 4:4:4, 4:2:2 and 4:2:0 tiles,
 both engines). Not on the GPU: region decode there has not been run or measured.
@@ -113,7 +114,8 @@ class TileDecoder:
     def decode(self, indices, regions=None) -> list:
         """Tiles `indices` of the level, in that order. Raises SlideError naming a bad tile.
 
-        `regions`: None, or per tile (x0, y0, x1, y1) in its pixels (or None: all of it). Where
+        `regions`: None, or per tile (x0, y0, x1, y1) in its pixels, Python ints (or None: all
+        of it). Where
         `decodes_regions`, only that part of the tile's array is decoded (the rest is undefined);
         elsewhere regions are ignored and whole tiles decoded."""
         raw = self.raw
@@ -131,7 +133,7 @@ class TileDecoder:
             streams.append(tile_stream(raw, data))
             where.append(k)
             box = regions[k] if regions is not None and self.decodes_regions else None
-            boxes.append(tuple(int(v) for v in box) if box is not None else whole)
+            boxes.append(tuple(box) if box is not None else whole)
         if streams:
             with self._on_stream():
                 tiles = [self._empty() for _ in streams]
