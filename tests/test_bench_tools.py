@@ -126,3 +126,26 @@ def test_rgb_to_hsv_equals_skimage_bitwise(cmu_small):
         for channel in range(3):
             assert got[channel].dtype == np.float32
             assert np.array_equal(got[channel], want[..., channel]), (image.shape, channel)
+
+
+def test_libjpeg_direct_arms_decode_nvimgcodecs_pixels(cmu_small, tmp_path):
+    """bench_jpeg_decoder.py compares nvImageCodec's CPU JPEG decode with libjpeg-turbo called
+    directly in three ways; the comparison means something only if all decode the same pixels."""
+    import bench_jpeg_decoder as bench
+
+    try:
+        lib = bench.build_libjpeg_direct(tmp_path)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    slide, decoder, streams, tile, rgb_stored = bench.tissue_streams(str(cmu_small))
+    try:
+        assert rgb_stored and len(streams) > 10
+        direct = bench.DirectDecoder(lib, streams, tile, rgb_stored)
+        assert bench.max_deltas(decoder._engine, decoder.colour_spec, direct, streams, tile) == {
+            "rows1": 0, "all_rows": 0, "ext_pattern": 0}
+        # Asked for the wrong colour handling, the direct decode differs: the check can fail.
+        wrong = bench.DirectDecoder(lib, streams[:3], tile, rgb_stored=False)
+        assert max(bench.max_deltas(decoder._engine, decoder.colour_spec, wrong, streams[:3], tile).values()) > 50
+    finally:
+        decoder.close()
+        slide.close()
