@@ -1,8 +1,9 @@
 """Where nvImageCodec's CPU JPEG decode spends more than libjpeg-turbo itself: the same stored tiles
 decoded on one thread by the raw path's engine and by libjpeg-turbo called directly, three ways.
 
-Why: the region path's blocks, each decoded on one thread, read more slowly through the raw path than
-through cuCIM on JPEG slides (`region_blocks` in results/decode_cpu.json), and both end in libjpeg-turbo. Arms, interleaved in every pass,
+Why: the region path's blocks, each decoded on one thread, read more slowly through the raw path
+than through cuCIM on JPEG slides (`region_blocks` in results/decode_cpu.json), and both end in
+libjpeg-turbo. Arms, interleaved in every pass (each arm takes each place in the order in turn),
 each decoding the tissue grid's stored tiles (whole) enough rounds for about 1 s:
 
   nvimgcodec    the raw path's engine (nvImageCodec's C API through jwth_engine._C, CPU backend,
@@ -18,7 +19,8 @@ libjpeg-turbo (headers needed: libjpeg-turbo's -dev package); nvImageCodec bundl
 so `nvimgcodec / ext_pattern` also holds the difference between the two builds. Per pass, time
 ratios (> 1: slower): rows1 / all_rows (the call pattern), ext_pattern / rows1 (the extension's own
 buffer and copy), nvimgcodec / ext_pattern (nvImageCodec's framework, the binding and the build).
-Pixels: every arm's output is compared with nvImageCodec's, tile by tile (max |delta|).
+Pixels: every arm's output is compared with nvImageCodec's, tile by tile (max |delta|). Minor page
+faults per tile are recorded per arm (a per-tile buffer that came fresh from the kernel would show).
 
     PYTHONPATH=python python benchmarks/bench_jpeg_decoder.py --repeats 15   # -> results/jpeg_decoder_cpu.json
 """
@@ -28,8 +30,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import math
-import resource
 import os
+import resource
 import shutil
 import subprocess
 import sys
