@@ -102,6 +102,14 @@ def spread(values: list[float], digits: int = 4) -> dict:
             "values": [round(v, digits) for v in values]}
 
 
+def rotation(names: list, p: int) -> list:
+    """The order of the arms in pass `p`: each arm takes each place in turn, so that no arm always
+    runs right after the same other one (whatever one arm leaves behind, e.g. a thread pool still
+    spinning, falls on every arm alike)."""
+    shift = p % len(names)
+    return list(names[shift:]) + list(names[:shift])
+
+
 def verdict(stat: dict, goal: float, higher_is_better: bool = True) -> str:
     """"met" / "not met" when every pass lies on one side of the goal, else "not resolvable":
     the spread of the passes reaches across the goal, so the noise exceeds the distance to it."""

@@ -4,8 +4,9 @@
     PYTHONPATH=python python benchmarks/bench_decode.py --gpu --out results/decode_cuda.json   # GPU machine
 
 For each slide: the tissue tiles `score` would read (target 0.5 µm/px, 224 px, --min-tissue 0.25),
-read in batches of 32 by the pipeline's reader (pipeline/locality.GridReader) three ways, in
-interleaved passes (A B C A B C ...) so that load from other processes hits both alike; a pass reads
+read in batches of 32 by the pipeline's reader (pipeline/locality.GridReader) four ways, in
+interleaved passes so that load from other processes hits all alike, the arms' order rotating from
+pass to pass (A B C D, B C D A, ...: no arm always runs right after the same other one); a pass reads
 the grid as many times as takes cuCIM about 2 s (`rounds_per_pass`), enough work to rise above the
 noise of a shared machine:
 
@@ -86,7 +87,7 @@ from jwth_engine.slide.decoding import DecodeRequest, choose_decoder  # noqa: E4
 from jwth_engine.slide.nvimgcodec_engines import nvimgcodec_version  # noqa: E402
 from jwth_engine.tiling import plan_tiles  # noqa: E402
 from jwth_engine.tissue import detect_tissue  # noqa: E402
-from _provenance import add_dry_run, dry_run_exit  # noqa: E402  (benchmarks/ helper)
+from _provenance import add_dry_run, dry_run_exit, rotation  # noqa: E402  (benchmarks/ helper)
 
 SCHEMA = "jwth-engine/bench-decode/v1"
 BATCH = 32
@@ -179,9 +180,9 @@ def bench_region_blocks(slide, slide_mpp: float, tissue, *, repeats: int, worker
             region_pass(slide, plan, src, workers, 1)                       # warm-up
         rounds = max(1, math.ceil(MIN_PASS_S / max(region_pass(slide, plan, sources["cucim"], workers, 1), 1e-3)))
         rates = {name: [] for name in sources}
-        for _ in range(repeats):
-            for name, src in sources.items():
-                rates[name].append(len(plan) * rounds / region_pass(slide, plan, src, workers, rounds))
+        for p in range(repeats):
+            for name in rotation(list(sources), p):
+                rates[name].append(len(plan) * rounds / region_pass(slide, plan, sources[name], workers, rounds))
     finally:
         for src in sources.values():
             src.close()
@@ -223,9 +224,10 @@ def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu
         # Enough work per pass to rise above a shared machine's noise: all read the grid as many
         # times as cuCIM's reader needs for MIN_PASS_S.
         rounds = max(1, math.ceil(MIN_PASS_S / max(warm, 1e-3)))
-        for _ in range(repeats):
-            for name, choice in arms.items():
-                seconds, counters[name] = one_pass(slide, grid, decode_choice=choice, workers=workers, rounds=rounds)
+        for p in range(repeats):
+            for name in rotation(list(arms), p):
+                seconds, counters[name] = one_pass(slide, grid, decode_choice=arms[name], workers=workers,
+                                                   rounds=rounds)
                 rates[name].append(n * rounds / seconds)
         for choice in choices.values():
             choice.decoder.close()

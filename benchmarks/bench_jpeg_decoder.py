@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from _provenance import add_dry_run, dry_run_exit, finish, log, provenance, spread, write_result  # noqa: E402
+from _provenance import add_dry_run, dry_run_exit, finish, log, provenance, rotation, spread, write_result  # noqa: E402
 
 MODES = {"rows1": 0, "all_rows": 1, "ext_pattern": 2}     # libjpeg_direct.c's modes
 CALL = 40              # stored tiles per nvImageCodec call: what the grid reader asks for at a time
@@ -151,8 +151,7 @@ def bench_slide(lib: ctypes.CDLL, path: str, repeats: int) -> dict:
         faults: dict[str, list[float]] = {name: [] for name in arms}
         names = list(arms)
         for p in range(repeats):
-            shift = p % len(names)               # each arm takes each place in the order in turn
-            for name in names[shift:] + names[:shift]:
+            for name in rotation(names, p):
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 seconds[name].append(_timed(arms[name], rounds))
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)

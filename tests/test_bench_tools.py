@@ -20,7 +20,7 @@ from jwth_engine.slide import open_slide
 from jwth_engine.tissue import rgb_to_hsv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from _provenance import provenance, spread, verdict  # noqa: E402
+from _provenance import provenance, rotation, spread, verdict  # noqa: E402
 
 TINY = "test_tiny_patch14_reg4"
 
@@ -109,6 +109,17 @@ def test_verdicts_can_fail_and_can_be_unresolvable():
     prov = provenance(["bench.py", "--x"])
     assert prov["command"].endswith("bench.py --x") and prov["git"]["commit"]
     assert isinstance(prov["git"]["dirty"], bool) and len(prov["machine"]["load_average_start"]) == 3
+
+
+def test_rotation_puts_every_arm_in_every_place_and_after_every_other():
+    arms = ["raw", "whole", "python", "cucim"]
+    orders = [rotation(arms, p) for p in range(8)]
+    assert all(sorted(order) == sorted(arms) for order in orders)
+    assert {order.index("cucim") for order in orders} == {0, 1, 2, 3}
+    # Across consecutive passes (the last arm of one pass precedes the first of the next), the arm
+    # run right before raw is not always the same one.
+    sequence = [name for order in orders for name in order]
+    assert len({sequence[i - 1] for i in range(1, len(sequence)) if sequence[i] == "raw"}) > 1
 
 
 def test_rgb_to_hsv_equals_skimage_bitwise(cmu_small):
