@@ -4,8 +4,9 @@
 // Why not the Python API: its decode loop releases and re-takes the GIL around every tile's
 // image-info query and buffer allocation. Beside any thread that runs Python (the pipeline's main
 // thread, the reader cutting model tiles) each re-take can wait up to the interpreter's switch
-// interval (5 ms): beside a busy Python thread one decoder kept 0.06-0.08 of its speed through the
-// Python API on JPEG, 0.51-0.54 through this path (one re-take per 40-tile call; bench_decode.py).
+// interval (5 ms): beside a busy Python thread one decoder kept 0.05-0.07 of its speed through the
+// Python API on JPEG, 0.44-0.49 through this path (one re-take per 40-tile call;
+// benchmarks/results/decode_cpu.json at 8b47186).
 //
 // libnvimgcodec is opened at run time (dlopen) from the path the Python side finds in the installed
 // wheel (only the cu13 wheel has been tried), so `_C` imports and its kernels work without nvImageCodec; the header this

@@ -12,7 +12,7 @@ from ..config import BACKENDS, DECODES, DEFAULT_PRESET, DEVICES, PRECISIONS, REA
 
 # `--decode auto` without a GPU model: region blocks stay with the slide reader, which read them
 # faster than the raw CPU path on JPEG slides (benchmarks/results/decode_cpu.json, region_blocks:
-# raw/cuCIM 0.78 on CMU-1, 0.82 on 4:2:0 JPEG, 1.15 on JPEG 2000, 2 threads on 2 cores).
+# raw/cuCIM 0.88 on CMU-1, 0.87 on 4:2:0 JPEG, 1.17 on JPEG 2000, 2 threads on 2 cores, 8b47186).
 REGION_AUTO_CPU = "region blocks read by the slide reader (faster than the raw CPU path on JPEG: benchmarks/results/decode_cpu.json)"
 
 

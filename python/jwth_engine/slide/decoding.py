@@ -6,8 +6,8 @@
     openslide  regions read by OpenSlide
     auto       gpu when the model runs on a GPU and nvImageCodec is installed; else cpu when
                nvImageCodec is installed (the GPU path's code on the CPU backend, one code path
-               everywhere; benchmarks/results/decode_cpu.json: 1.21x cuCIM's batch read on Aperio
-               JPEG and 1.15x on JPEG 2000 in every pass, 1.02x on 4:2:0 JPEG, not resolved; a
+               everywhere; benchmarks/results/decode_cpu.json: 1.14x cuCIM's batch read on Aperio
+               JPEG and 1.18x on JPEG 2000 in every pass, 1.03x on 4:2:0 JPEG, not resolved; a
                few % of a CPU backbone's time either way); else the slide reader.
                The region path (embed-regions) keeps the slide reader for `auto` without a GPU
                model (`resolve_decode(auto_cpu=...)`): its per-region block reads measured faster

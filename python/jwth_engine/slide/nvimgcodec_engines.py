@@ -17,12 +17,11 @@ code stream views), into an output of that part's size: a view into a whole tile
 Why the C API is the default: nvImageCodec's Python `decode` releases and re-takes the GIL around
 every tile's image-info query and buffer allocation. Beside a thread running Python (the
 pipeline's main thread, the reader cutting model tiles) each re-take can wait the interpreter's
-switch interval (5 ms). benchmarks/results/decode_cpu.json (3861276, 2-core CPU machine): one
-single-threaded decoder, calls of 40 stored tiles, beside a busy Python thread kept 0.06-0.08 of
-its speed alone through the Python API on the JPEG slides and 0.51-0.54 through the C API (its one
-re-take per call); in the grid reader alone the C API read 1.18x and 1.14x the Python API's
-tiles/s on the two JPEG slides (15 passes: every one on CMU-1, 13 on the 4:2:0 slide) and 1.04x
-on JPEG 2000 (not resolved).
+switch interval (5 ms). benchmarks/results/decode_cpu.json (8b47186, 2-core CPU machine): one
+single-threaded decoder, calls of 40 stored tiles, beside a busy Python thread kept 0.05-0.07 of
+its speed alone through the Python API on the JPEG slides and 0.44-0.49 through the C API (its one
+re-take per call); in the grid reader alone the C API read 1.14x and 1.18x the Python API's
+tiles/s on the two JPEG slides (every one of 15 passes) and 1.06x on JPEG 2000 (not resolved).
 """
 
 from __future__ import annotations
