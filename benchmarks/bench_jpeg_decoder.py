@@ -90,8 +90,9 @@ class DirectDecoder:
 
 
 def tissue_streams(path: str):
-    """(streams, tile (h, w), colour spec, RGB-photometric?, engine, decoder) of the stored tiles the
-    tissue grid touches (what `score` decodes), for nvImageCodec's CPU backend on one thread."""
+    """(slide, decoder, streams, tile (h, w), RGB-photometric?) for the stored tiles the tissue grid
+    touches (what `score` decodes): the slide (the caller closes it), a one-thread TileDecoder on
+    nvImageCodec's CPU backend (C API; the caller closes it) and each tile's complete JPEG stream."""
     from bench_decode import grid_stored_tiles
     from jwth_engine.slide import open_slide, resolve_mpp
     from jwth_engine.slide.decoding import DecodeRequest, choose_decoder
