@@ -194,12 +194,19 @@ def bench_region_blocks(slide, slide_mpp: float, tissue, *, repeats: int, worker
             "raw_over_cucim": {"median": round(statistics.median(ratios), 3), "passes": [round(r, 3) for r in ratios]}}
 
 
+def tissue_grid(slide, mpp: float | None):
+    """(slide µm/px, tissue, grid): the tissue tiles `score` would read (target 0.5 µm/px, 224 px,
+    --min-tissue 0.25), the tile set every decode benchmark here reads."""
+    slide_mpp = resolve_mpp(slide.info, mpp)
+    tissue = detect_tissue(slide, mpp=slide_mpp)
+    return slide_mpp, tissue, plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=0.5, tile_size=224, tissue=tissue,
+                                         min_tissue=0.25)
+
+
 def bench_slide(path: str, mpp: float | None, *, repeats: int, workers: int, gpu: bool, regions: bool,
                 engine_ab: bool, log) -> dict:
     with open_slide(path, reader="cucim") as slide:
-        slide_mpp = resolve_mpp(slide.info, mpp)
-        tissue = detect_tissue(slide, mpp=slide_mpp)
-        grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=0.5, tile_size=224, tissue=tissue, min_tissue=0.25)
+        slide_mpp, tissue, grid = tissue_grid(slide, mpp)
         n = len(grid.coords)
         log(f"{Path(path).name}: {n} tiles, level {grid.level}, read size {grid.read_size}")
         # raw_cpu: the default engine (nvImageCodec's C API through _C); raw_cpu_whole_tiles: it

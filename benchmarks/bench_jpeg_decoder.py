@@ -93,17 +93,13 @@ def tissue_streams(path: str):
     """(slide, decoder, streams, tile (h, w), RGB-photometric?) for the stored tiles the tissue grid
     touches (what `score` decodes): the slide (the caller closes it), a one-thread TileDecoder on
     nvImageCodec's CPU backend (C API; the caller closes it) and each tile's complete JPEG stream."""
-    from bench_decode import grid_stored_tiles
-    from jwth_engine.slide import open_slide, resolve_mpp
+    from bench_decode import grid_stored_tiles, tissue_grid
+    from jwth_engine.slide import open_slide
     from jwth_engine.slide.decoding import DecodeRequest, choose_decoder
     from jwth_engine.slide.raw_tiles import tile_stream
-    from jwth_engine.tiling import plan_tiles
-    from jwth_engine.tissue import detect_tissue
 
     slide = open_slide(path, reader="cucim")
-    slide_mpp = resolve_mpp(slide.info, None)
-    grid = plan_tiles(slide, slide_mpp=slide_mpp, target_mpp=0.5, tile_size=224,
-                      tissue=detect_tissue(slide, mpp=slide_mpp), min_tissue=0.25)
+    _, _, grid = tissue_grid(slide, None)
     choice = choose_decoder(slide, grid.level, DecodeRequest("cpu", "benchmark"), num_threads=1, engine="c-api")
     if choice.decoder is None:
         raise RuntimeError(f"{path}: no raw CPU path ({choice.note})")
